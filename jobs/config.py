@@ -1,0 +1,282 @@
+"""The whole run configuration: one YAML file, one pydantic model.
+
+`load_config(path, overrides)` is the only entry point: it reads the YAML, applies dotted
+`key=value` overrides, validates everything and raises `ConfigError` listing every problem
+at once (field, value, fix) before anything touches Ray.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PACKAGED_MODELS = ("smollm2-135m-instruct",)
+PAGED_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit")
+OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit", "adafactor", "sgd", *PAGED_OPTIMIZERS)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field("smollm2-135m-instruct", description="Hub id, local folder, or 'smollm2-135m-instruct' (offline, packaged).")
+    kind: Literal["auto", "causal", "seq2seq"] = Field("auto", description="Architecture family; 'auto' reads it from the model config.")
+    chat_template: Literal["auto", "on", "off"] = Field("auto", description="Wrap prompts in the tokenizer's chat template ('auto': when the tokenizer has one).")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint; off unless you trust its author.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    device_map: str | None = Field(None, description="Only for single-process use; Ray workers place the model on their own device.")
+
+
+class QuantizationConfig(Section):
+    mode: Literal["none", "4bit", "8bit"] = Field("4bit", description="Load the frozen base in 4-bit (QLoRA), 8-bit, or full precision.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of 4-bit matmuls; 'auto': bfloat16 on GPU, float32 on CPU.")
+
+
+class LoraConfig(Section):
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Module names to adapt, or 'all-linear'.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained.")
+
+
+class DataConfig(Section):
+    path: str = Field("demo", description="JSONL/CSV/Parquet/SQuAD JSON file, dataset folder, hub dataset id, or 'demo' (generated).")
+    format: Literal["auto", "jsonl", "csv", "parquet", "squad", "hf"] = Field("auto", description="Input format; 'auto' from the file extension.")
+    split: str = Field("train", description="Split to read from a hub dataset or dataset folder.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Rename columns: {name in file: name used in templates}.")
+    prompt_template: str | None = Field(None, description="Format string over the row's columns, e.g. 'Q: {question}'; default '{input}' (SQuAD: context + question).")
+    target_column: str | None = Field(None, description="Column holding the expected output; default 'output' (SQuAD: 'answer').")
+    system_prompt: str | None = Field(None, description="System message added when the chat template is used.")
+    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows held out for evaluation (seeded split).")
+    max_samples: int | None = Field(None, gt=0, description="Use only the first N valid rows (quick experiments).")
+    max_source_length: int = Field(256, gt=0, description="Prompt tokens kept (longer prompts are truncated and counted).")
+    max_target_length: int = Field(128, gt=0, description="Target tokens kept (longer targets are truncated and counted).")
+    bad_rows: Literal["fail", "skip"] = Field("fail", description="Rows with missing/empty fields: stop with their row numbers, or skip and report them.")
+    demo_rows: int = Field(400, gt=0, description="Rows generated when path is 'demo'.")
+    seed: int = Field(42, description="Seed of the train/validation split and demo generator.")
+
+
+class TrainingConfig(Section):
+    output_dir: str = Field("runs/demo", description="Where the adapter, tokenizer, metrics and report are written.")
+    num_epochs: float = Field(1.0, gt=0, description="Passes over the training set (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps to run; -1 means use num_epochs.")
+    batch_size: int = Field(4, gt=0, description="Examples per device per step.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    optimizer: Literal[OPTIMIZERS] = Field("adamw_torch", description="Optimizer; paged/8-bit ones come from bitsandbytes.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0 disables).")
+    eval_steps: int = Field(50, gt=0, description="Evaluate, checkpoint and report to Ray every N steps.")
+    logging_steps: int = Field(10, gt=0, description="Log the training loss every N steps.")
+    keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept in Ray storage (the latest is always kept).")
+    seed: int = Field(42, description="Seed of model init, dropout and data order.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Mixed precision; 'auto': bf16 on GPU, fp32 on CPU.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (non-reentrant, DDP-safe).")
+    deepspeed: str | dict[str, Any] | None = Field(None, description="DeepSpeed config (file path or inline dict); ZeRO-2 works with 4-bit.")
+    dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes per Ray worker.")
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="Cluster address; empty: RAY_ADDRESS, else an embedded local Ray.")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (one process and one device each).")
+    use_gpu: bool = Field(False, description="Give each worker one GPU.")
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1}, description="Ray resources per worker, e.g. {CPU: 4, GPU: 1}.")
+    storage_path: str = Field("runs/ray", description="Checkpoint storage: local folder, s3:// or gs:// URI.")
+    max_failures: int = Field(0, ge=-1, description="Worker failures to recover from by resuming the latest checkpoint (-1: unlimited).")
+    name: str | None = Field(None, description="Run name in storage; default: the output folder's name.")
+
+
+class RunConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig, description="bitsandbytes quantization of the frozen base.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Hugging Face Trainer settings.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray Train scaling and storage.")
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> RunConfig:
+        problems = [p for rule in CROSS_FIELD_RULES if (p := rule(self))]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+def _problem(field: str, value: Any, fix: str) -> str:
+    return f"{field} = {value!r}: {fix}"
+
+
+def _deepspeed_stage(cfg: RunConfig) -> int | None:
+    ds = cfg.training.deepspeed
+    if ds is None:
+        return None
+    if isinstance(ds, str):
+        path = Path(ds)
+        if not path.is_file():
+            return -1
+        ds = yaml.safe_load(path.read_text())  # JSON is YAML
+    return int((ds or {}).get("zero_optimization", {}).get("stage", 0))
+
+
+def _rule_zero3_with_kbit(cfg: RunConfig) -> str | None:
+    if cfg.quantization.mode != "none" and _deepspeed_stage(cfg) == 3:
+        return _problem("training.deepspeed", "ZeRO stage 3", f"ZeRO-3 cannot shard {cfg.quantization.mode} bitsandbytes weights; use ZeRO stage 2, or set quantization.mode=none")
+    return None
+
+
+def _rule_deepspeed_file(cfg: RunConfig) -> str | None:
+    if _deepspeed_stage(cfg) == -1:
+        return _problem("training.deepspeed", cfg.training.deepspeed, "file not found; give an existing DeepSpeed JSON/YAML path or an inline dict")
+    return None
+
+
+def _rule_device_map(cfg: RunConfig) -> str | None:
+    if cfg.model.device_map is not None:
+        return _problem("model.device_map", cfg.model.device_map, "training runs in Ray workers, each placing the model on its own device; remove model.device_map (use ray.num_workers / ray.use_gpu)")
+    return None
+
+
+def _rule_fp16_on_cpu(cfg: RunConfig) -> str | None:
+    if not cfg.ray.use_gpu and cfg.training.precision == "fp16":
+        return _problem("training.precision", "fp16", "fp16 mixed precision needs a GPU; use precision=auto (fp32 on CPU) or bf16, or set ray.use_gpu=true")
+    if not cfg.ray.use_gpu and cfg.quantization.compute_dtype == "float16":
+        return _problem("quantization.compute_dtype", "float16", "float16 matmuls are GPU-only; use compute_dtype=auto or float32 on CPU")
+    return None
+
+
+def _rule_gpu_resources(cfg: RunConfig) -> str | None:
+    gpus = cfg.ray.resources_per_worker.get("GPU", 0)
+    if gpus and not cfg.ray.use_gpu:
+        return _problem("ray.resources_per_worker.GPU", gpus, "set ray.use_gpu=true too, or drop GPU from resources_per_worker")
+    return None
+
+
+def _rule_quant_type_needs_4bit(cfg: RunConfig) -> str | None:
+    if cfg.quantization.mode != "4bit" and cfg.quantization.quant_type != "nf4":
+        return _problem("quantization.quant_type", cfg.quantization.quant_type, "quant_type applies to 4-bit only; set quantization.mode=4bit or leave quant_type at nf4")
+    return None
+
+
+def _rule_steps(cfg: RunConfig) -> str | None:
+    if cfg.training.max_steps == 0 or cfg.training.max_steps < -1:
+        return _problem("training.max_steps", cfg.training.max_steps, "use a positive step count, or -1 to train for training.num_epochs")
+    return None
+
+
+def _rule_lora_targets(cfg: RunConfig) -> str | None:
+    if isinstance(cfg.lora.target_modules, list) and not cfg.lora.target_modules:
+        return _problem("lora.target_modules", [], "name at least one module (e.g. [q_proj, v_proj]) or use 'all-linear'")
+    return None
+
+
+def _rule_template_uses_columns(cfg: RunConfig) -> str | None:
+    if cfg.data.prompt_template is not None and "{" not in cfg.data.prompt_template:
+        return _problem("data.prompt_template", cfg.data.prompt_template, "the template names no column; use placeholders such as '{question}'")
+    return None
+
+
+CROSS_FIELD_RULES = (
+    _rule_zero3_with_kbit,
+    _rule_deepspeed_file,
+    _rule_device_map,
+    _rule_fp16_on_cpu,
+    _rule_gpu_resources,
+    _rule_quant_type_needs_4bit,
+    _rule_steps,
+    _rule_lora_targets,
+    _rule_template_uses_columns,
+)
+
+
+class ConfigError(ValueError):
+    """Every problem of one config, each naming the field, the value and the fix."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted `a.b.c=value` overrides; values are parsed as YAML (numbers, lists, bools)."""
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(_problem("override", item, "write overrides as dotted.key=value, e.g. training.learning_rate=1e-4"))
+            continue
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(_problem(key, item, f"'{part}' is not a section, so it has no sub-keys"))
+                break
+            node = child
+        else:
+            node[leaf] = yaml.safe_load(value) if value.strip() else None
+    if problems:
+        raise ConfigError(problems, "overrides")
+    return raw
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        annotation = model.model_fields.get(str(part))
+        if annotation is None or not isinstance(annotation.annotation, type) or not issubclass(annotation.annotation, BaseModel):
+            return []
+        model = annotation.annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> list[str]:
+    field = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        leaf = str(error["loc"][-1])
+        known = _known_keys(RunConfig, error["loc"])
+        close = difflib.get_close_matches(leaf, known, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known keys here: {', '.join(known)}"
+        return [_problem(field, error["input"], f"unknown key; {hint}")]
+    if not field:  # cross-field rules: one line per problem
+        return str(error["ctx"]["error"]).splitlines()
+    message = error["msg"].removeprefix("Value error, ")
+    return [_problem(field, error["input"], f"{message}")]
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [line for error in exc.errors() for line in _describe(error)]
+        raise ConfigError(problems, source) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read YAML (or start from defaults), apply overrides, validate: all errors at once."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError([_problem("--config", str(path), "file not found; pass an existing YAML file")], source) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError([_problem("--config", str(path), f"not valid YAML: {exc}")], source) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([_problem("--config", type(raw).__name__, "the file must be a YAML mapping of sections (model:, lora:, ...)")], source)
+    return validate(apply_overrides(raw, list(overrides)), source)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,274 @@
+"""Training data: read any supported format, check every row, split, tokenize, measure.
+
+Rows are never dropped silently: a row with a missing or empty field is either an error
+(naming file, row and field) or, with `data.bad_rows: skip`, skipped and counted in the
+run report. Causal examples mask the prompt out of the loss; seq2seq examples put the
+target in the decoder labels.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset, load_dataset, load_from_disk
+
+from jobs.config import DataConfig
+from jobs.demo_data import demo_rows
+
+SQUAD_PROMPT = "Answer with a short span copied from the context.\nContext: {context}\nQuestion: {question}"
+FORMAT_DEFAULTS = {"squad": (SQUAD_PROMPT, "answer")}
+GENERIC_DEFAULTS = ("{input}", "output")
+EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".json": "squad"}
+MAX_LISTED_BAD_ROWS = 20
+
+
+class DataError(ValueError):
+    """A data problem the user must fix, naming file, row and field."""
+
+
+@dataclass
+class BadRow:
+    row: int
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"row {self.row}: {self.field}: {self.reason}"
+
+
+@dataclass
+class RawData:
+    rows: list[tuple[int, dict[str, Any]]]
+    bad: list[BadRow] = field(default_factory=list)
+
+
+@dataclass
+class PreparedData:
+    train: Dataset
+    eval: Dataset | None
+    eval_examples: list[dict[str, Any]]
+    report: dict[str, Any]
+
+
+def resolve_format(cfg: DataConfig) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    if cfg.path == "demo":
+        return "demo"
+    path = Path(cfg.path)
+    if path.is_dir() or not path.suffix:
+        return "hf"
+    if path.suffix.lower() not in EXTENSIONS:
+        raise DataError(f"data.format = 'auto': cannot tell the format of {cfg.path!r}; set data.format to one of jsonl, csv, parquet, squad, hf")
+    return EXTENSIONS[path.suffix.lower()]
+
+
+def templates(cfg: DataConfig, fmt: str) -> tuple[str, str]:
+    default_prompt, default_target = FORMAT_DEFAULTS.get(fmt, GENERIC_DEFAULTS)
+    return cfg.prompt_template or default_prompt, cfg.target_column or default_target
+
+
+def _read_jsonl(path: Path) -> RawData:
+    data = RawData(rows=[])
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                data.bad.append(BadRow(number, "(line)", f"not UTF-8 ({exc.reason} at byte {exc.start})"))
+                continue
+            except json.JSONDecodeError as exc:
+                data.bad.append(BadRow(number, "(line)", f"not valid JSON ({exc.msg})"))
+                continue
+            if not isinstance(record, dict):
+                data.bad.append(BadRow(number, "(line)", f"a JSON {type(record).__name__}, expected an object"))
+                continue
+            data.rows.append((number, record))
+    return data
+
+
+def _read_squad(path: Path) -> RawData:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a SQuAD v1.1 JSON file ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise DataError(f"{path}: not a SQuAD v1.1 JSON file (expected a top-level 'data' list of articles)")
+    data = RawData(rows=[])
+    number = 0
+    for article in doc["data"]:
+        for paragraph in article.get("paragraphs", []):
+            context = paragraph.get("context", "")
+            for qa in paragraph.get("qas", []):
+                number += 1
+                answers = [a.get("text", "") for a in qa.get("answers", [])]
+                missing = [a for a in qa.get("answers", []) if context[a.get("answer_start", -1):][: len(a.get("text", ""))] != a.get("text")]
+                if not answers or not all(answers):
+                    data.bad.append(BadRow(number, "answers", f"question {qa.get('id')!r} has no answer text"))
+                elif missing:
+                    data.bad.append(BadRow(number, "answers", f"question {qa.get('id')!r}: answer {missing[0].get('text')!r} is not in the context at answer_start {missing[0].get('answer_start')}"))
+                else:
+                    data.rows.append((number, {"id": qa.get("id"), "title": article.get("title", ""), "context": context, "question": qa.get("question", ""), "answer": answers[0], "answers": answers}))
+    return data
+
+
+def _read_table(fmt: str, cfg: DataConfig) -> RawData:
+    if fmt == "hf":
+        path = Path(cfg.path)
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+            loaded = load_from_disk(str(path))
+            dataset = loaded[cfg.split] if hasattr(loaded, "keys") else loaded
+        else:
+            dataset = load_dataset(cfg.path, split=cfg.split)
+    else:
+        dataset = load_dataset(fmt, data_files=cfg.path, split="train")
+    return RawData(rows=[(i + 1, record) for i, record in enumerate(dataset)])
+
+
+def read_raw(cfg: DataConfig, fmt: str) -> RawData:
+    if fmt == "demo":
+        return RawData(rows=[(i + 1, r) for i, r in enumerate(demo_rows(cfg.demo_rows, cfg.seed))])
+    path = Path(cfg.path)
+    if fmt != "hf" and not path.is_file():
+        raise DataError(f"data.path = {cfg.path!r}: file not found")
+    if fmt != "hf" and path.stat().st_size == 0:
+        raise DataError(f"data.path = {cfg.path!r}: the file is empty")
+    readers = {"jsonl": _read_jsonl, "squad": _read_squad}
+    try:
+        return readers[fmt](path) if fmt in readers else _read_table(fmt, cfg)
+    except DataError:
+        raise
+    except Exception as exc:  # a library's parse error: say which file and format failed
+        raise DataError(f"data.path = {cfg.path!r}: could not read it as {fmt}: {exc}") from exc
+
+
+def _placeholders(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def to_examples(raw: RawData, cfg: DataConfig, fmt: str) -> tuple[list[dict[str, Any]], list[BadRow]]:
+    """Map rows to {id, prompt, target, references}; collect rows with missing/empty fields."""
+    prompt_template, target_column = templates(cfg, fmt)
+    needed = [*_placeholders(prompt_template), target_column]
+    seen = set().union(*(r.keys() for _, r in raw.rows)) | set(cfg.columns.values()) if raw.rows else set()
+    absent = [name for name in needed if name not in seen]
+    if raw.rows and absent:
+        columns = sorted(set().union(*(r.keys() for _, r in raw.rows)))
+        raise DataError(f"{cfg.path}: column(s) {absent} used by data.prompt_template/data.target_column are not in the data; its columns are {columns}. Rename them with data.columns or change the template")
+    examples, bad = [], list(raw.bad)
+    for number, record in raw.rows:
+        record = {cfg.columns.get(k, k): v for k, v in record.items()}
+        empty = [name for name in needed if record.get(name) is None or not str(record.get(name)).strip()]
+        if empty:
+            bad.extend(BadRow(number, name, "missing or empty") for name in empty)
+            continue
+        references = record.get("answers") or [str(record[target_column])]
+        examples.append({
+            "id": str(record.get("id", number)),
+            "row": number,
+            "prompt": prompt_template.format(**{k: record[k] for k in _placeholders(prompt_template)}),
+            "target": str(record[target_column]),
+            "references": [str(r) for r in references],
+        })
+    return examples, bad
+
+
+def check_bad_rows(bad: list[BadRow], cfg: DataConfig, total: int) -> None:
+    if not bad or cfg.bad_rows == "skip":
+        return
+    listed = "\n".join(f"  - {b}" for b in bad[:MAX_LISTED_BAD_ROWS])
+    more = f"\n  ... and {len(bad) - MAX_LISTED_BAD_ROWS} more" if len(bad) > MAX_LISTED_BAD_ROWS else ""
+    raise DataError(f"{cfg.path}: {len(bad)} problem(s) in {total} row(s):\n{listed}{more}\nFix the rows, or set data.bad_rows=skip to train without them (they are counted in the report)")
+
+
+def split(examples: list[dict[str, Any]], cfg: DataConfig) -> tuple[Dataset, Dataset | None]:
+    dataset = Dataset.from_list(examples)
+    if cfg.validation_fraction == 0:
+        return dataset, None
+    if len(examples) < 2:
+        raise DataError(f"{cfg.path}: {len(examples)} usable row(s) cannot be split; add rows or set data.validation_fraction=0")
+    parts = dataset.train_test_split(test_size=cfg.validation_fraction, seed=cfg.seed)
+    return parts["train"], parts["test"]
+
+
+def prompt_text(prompt: str, tokenizer, use_chat: bool, system_prompt: str | None) -> str:
+    """The exact text the model sees before its answer (shared with generation)."""
+    if not use_chat:
+        return prompt
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode(example: dict[str, Any], tokenizer, kind: str, use_chat: bool, cfg: DataConfig) -> dict[str, Any]:
+    """Token ids for one example plus its untruncated lengths (for the report)."""
+    text = prompt_text(example["prompt"], tokenizer, use_chat, cfg.system_prompt)
+    # A chat template already carries its special tokens.
+    prompt_ids = tokenizer(text, add_special_tokens=not use_chat)["input_ids"]
+    if kind == "seq2seq":
+        target_ids = tokenizer(text_target=example["target"])["input_ids"]
+        source, target = prompt_ids[: cfg.max_source_length], target_ids[: cfg.max_target_length]
+        out = {"input_ids": source, "attention_mask": [1] * len(source), "labels": target}
+    else:
+        target_ids = tokenizer(example["target"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        source, target = prompt_ids[: cfg.max_source_length], target_ids[: cfg.max_target_length]
+        out = {"input_ids": source + target, "attention_mask": [1] * (len(source) + len(target)), "labels": [-100] * len(source) + target}
+    out["prompt_tokens"], out["target_tokens"] = len(prompt_ids), len(target_ids)
+    out["truncated"] = len(prompt_ids) > cfg.max_source_length or len(target_ids) > cfg.max_target_length
+    return out
+
+
+def _length_stats(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    arr = np.asarray(values)
+    return {"mean": round(float(arr.mean()), 1), "p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)), "max": int(arr.max())}
+
+
+def tokenize(dataset: Dataset, tokenizer, kind: str, use_chat: bool, cfg: DataConfig, desc: str) -> tuple[Dataset, dict[str, Any]]:
+    encoded = dataset.map(lambda ex: encode(ex, tokenizer, kind, use_chat, cfg), remove_columns=dataset.column_names, desc=f"Tokenizing {desc}")
+    stats = {
+        "rows": len(encoded),
+        "prompt_tokens": _length_stats(encoded["prompt_tokens"]),
+        "target_tokens": _length_stats(encoded["target_tokens"]),
+        "truncated": int(sum(encoded["truncated"])),
+        "truncated_share": round(sum(encoded["truncated"]) / max(len(encoded), 1), 4),
+    }
+    return encoded.select_columns(["input_ids", "attention_mask", "labels"]), stats
+
+
+def load_examples(cfg: DataConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Read and check rows; raise DataError before any model or Ray work if they are unusable."""
+    fmt = resolve_format(cfg)
+    raw = read_raw(cfg, fmt)
+    examples, bad = to_examples(raw, cfg, fmt)
+    total = len(raw.rows) + len(raw.bad)
+    if total == 0:
+        raise DataError(f"data.path = {cfg.path!r}: no rows found")
+    check_bad_rows(bad, cfg, total)
+    if not examples:
+        raise DataError(f"{cfg.path}: none of the {total} row(s) is usable:\n" + "\n".join(f"  - {b}" for b in bad[:MAX_LISTED_BAD_ROWS]))
+    used = examples[: cfg.max_samples] if cfg.max_samples else examples
+    bad_rows = sorted({b.row for b in bad})
+    report = {
+        "source": cfg.path, "format": fmt, "rows_read": total, "rows_valid": len(examples), "rows_used": len(used),
+        "bad_rows": len(bad_rows), "bad_row_details": [str(b) for b in bad[:MAX_LISTED_BAD_ROWS]],
+        "rows_left_out_by_max_samples": len(examples) - len(used),
+    }
+    return used, report
+
+
+def prepare(cfg: DataConfig, tokenizer, kind: str, use_chat: bool) -> PreparedData:
+    examples, report = load_examples(cfg)
+    train_rows, eval_rows = split(examples, cfg)
+    train, report["train"] = tokenize(train_rows, tokenizer, kind, use_chat, cfg, "train")
+    evaluation = None
+    if eval_rows is not None:
+        evaluation, report["validation"] = tokenize(eval_rows, tokenizer, kind, use_chat, cfg, "validation")
+    return PreparedData(train=train, eval=evaluation, eval_examples=list(eval_rows) if eval_rows is not None else [], report=report)

@@ -1,0 +1,121 @@
+"""Tokenizer and model loading: QLoRA is a setting here, not a second code path.
+
+`quantization.mode` decides how the frozen base is loaded (4-bit, 8-bit or full
+precision); everything after that (gradient checkpointing, LoRA) is the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig
+
+from jobs.config import PACKAGED_MODELS, ModelConfig, RunConfig
+from jobs.packaged import packaged_model_path
+
+log = logging.getLogger("lorafleet.model")
+NON_REENTRANT = {"use_reentrant": False}  # reentrant checkpointing breaks DDP with frozen weights
+
+
+def model_path(cfg: ModelConfig) -> str:
+    if cfg.name in PACKAGED_MODELS:
+        return str(packaged_model_path(cfg.name))
+    return cfg.name
+
+
+def _hub_kwargs(cfg: ModelConfig) -> dict:
+    return {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+
+
+def model_kind(cfg: ModelConfig) -> str:
+    if cfg.kind != "auto":
+        return cfg.kind
+    hf_config = AutoConfig.from_pretrained(model_path(cfg), **_hub_kwargs(cfg))
+    return "seq2seq" if hf_config.is_encoder_decoder else "causal"
+
+
+def load_tokenizer(cfg: ModelConfig):
+    tokenizer = AutoTokenizer.from_pretrained(model_path(cfg), **_hub_kwargs(cfg))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def uses_chat_template(cfg: ModelConfig, tokenizer) -> bool:
+    if cfg.chat_template == "auto":
+        return bool(getattr(tokenizer, "chat_template", None))
+    if cfg.chat_template == "on" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"model.chat_template = 'on': the tokenizer of {cfg.name!r} has no chat template; set model.chat_template=off")
+    return cfg.chat_template == "on"
+
+
+def compute_dtype(run: RunConfig, device: torch.device) -> torch.dtype:
+    name = run.quantization.compute_dtype
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def quantization_config(run: RunConfig, device: torch.device) -> BitsAndBytesConfig | None:
+    q = run.quantization
+    if q.mode == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute_dtype(run, device))
+    if q.mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base(run: RunConfig, device: torch.device, kind: str):
+    """The frozen base model, quantized as configured, placed on this process's device."""
+    auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    return auto.from_pretrained(
+        model_path(run.model),
+        quantization_config=quantization_config(run, device),
+        # Pinned to this worker's own device: "auto" would spread one replica over all GPUs.
+        device_map={"": device},
+        dtype=compute_dtype(run, device) if run.quantization.mode == "none" else None,
+        **_hub_kwargs(run.model),
+    )
+
+
+def lora_config(run: RunConfig, kind: str) -> PeftLoraConfig:
+    lora = run.lora
+    return PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+        target_modules=lora.target_modules,
+        task_type="SEQ_2_SEQ_LM" if kind == "seq2seq" else "CAUSAL_LM",
+    )
+
+
+def load_for_training(run: RunConfig, device: torch.device, kind: str):
+    model = load_base(run, device, kind)
+    checkpointing = run.training.gradient_checkpointing
+    if run.quantization.mode != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=NON_REENTRANT)
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
+        model.enable_input_require_grads()
+    if checkpointing:
+        model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    model = get_peft_model(model, lora_config(run, kind))
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def parameter_counts(model) -> dict[str, int]:
+    trainable, total = model.get_nb_trainable_parameters()
+    return {"trainable": int(trainable), "total": int(total)}
+
+
+def load_adapter(run: RunConfig, adapter_dir: str | Path, device: torch.device, kind: str):
+    """Base + a saved adapter, for evaluation and serving (safetensors only)."""
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors; only safetensors adapters are loaded (pickle files can run code)")
+    base = load_base(run, device, kind)
+    return PeftModel.from_pretrained(base, str(adapter_dir))

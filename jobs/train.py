@@ -1,0 +1,224 @@
+"""The training job: QLoRA with the Hugging Face Trainer inside Ray Train.
+
+    python -m jobs.train --config configs/demo.yaml [dotted.key=value ...]
+    ray job submit --working-dir . -- python -m jobs.train --config configs/demo.yaml
+
+The driver validates the config and the data (before any Ray resource is requested),
+tokenizes once, runs a `TorchTrainer` whose workers each hold one model replica (DDP),
+then exports the adapter, metrics and run report to `training.output_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+from jobs import report
+from jobs.config import RunConfig, dump_config
+from jobs.data import PreparedData, prepare
+from jobs.model import load_for_training, load_tokenizer, model_kind, parameter_counts, uses_chat_template
+
+log = logging.getLogger("lorafleet.train")
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+HF_CHECKPOINT = RayTrainReportCallback.CHECKPOINT_NAME
+
+
+@dataclass
+class TrainOutcome:
+    output_dir: Path
+    adapter_dir: Path
+    metrics: dict[str, Any]
+
+
+class ParameterCountCallback(TrainerCallback):
+    """Records the trainable/total parameter counts in the trainer state, so the driver's report has them."""
+
+    def __init__(self, counts: dict[str, int]):
+        self.counts = counts
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not any("trainable_parameters" in entry for entry in state.log_history):
+            state.log_history.append({"step": 0, "trainable_parameters": self.counts["trainable"], "total_parameters": self.counts["total"]})
+
+
+def training_arguments(run: RunConfig, output_dir: str, has_eval: bool) -> TrainingArguments:
+    t = run.training
+    precision = t.precision if t.precision != "auto" else ("bf16" if run.ray.use_gpu else "fp32")
+    return TrainingArguments(
+        output_dir=output_dir,
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a share of the steps
+        weight_decay=t.weight_decay,
+        optim=t.optimizer,
+        max_grad_norm=t.max_grad_norm,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.eval_steps,
+        # Checkpoint at every evaluation, so each Ray report carries fresh eval metrics.
+        save_strategy="steps",
+        save_steps=t.eval_steps,
+        save_total_limit=1,
+        logging_steps=t.logging_steps,
+        seed=t.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not run.ray.use_gpu,
+        deepspeed=t.deepspeed,
+        dataloader_num_workers=t.dataloader_workers,
+        # LoRA leaves most of the graph frozen; scanning for unused parameters only costs time.
+        ddp_find_unused_parameters=False,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+    )
+
+
+def _local_resume_dir(workdir: Path) -> str | None:
+    """Copy Ray's latest checkpoint (after a worker failure) to local disk for the HF Trainer."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as path:
+        target = workdir / "resume"
+        shutil.copytree(Path(path) / HF_CHECKPOINT, target)
+    log.info("resuming from checkpoint %s", checkpoint.path)
+    return str(target)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker: one model replica, DDP across workers."""
+    run = RunConfig.model_validate(config["run"])
+    data: PreparedData = ray.get(config["data"])
+    device = ray.train.torch.get_device()
+    tokenizer = load_tokenizer(run.model)
+    model = load_for_training(run, device, config["kind"])
+    workdir = Path(tempfile.mkdtemp(prefix="lorafleet-worker-"))
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(run, str(workdir / "hf"), data.eval is not None),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
+        processing_class=tokenizer,
+        callbacks=[ParameterCountCallback(parameter_counts(model)), RayTrainReportCallback()],
+    )
+    trainer = prepare_trainer(trainer)
+    try:
+        trainer.train(resume_from_checkpoint=_local_resume_dir(workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _storage_path(run: RunConfig) -> str:
+    path = run.ray.storage_path
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def _ray_run_config(run: RunConfig, has_eval: bool) -> ray.train.RunConfig:
+    name = f"{run.ray.name or Path(run.training.output_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return ray.train.RunConfig(
+        name=name,
+        storage_path=_storage_path(run),
+        failure_config=ray.train.FailureConfig(max_failures=run.ray.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=run.training.keep_checkpoints,
+            checkpoint_score_attribute="eval_loss" if has_eval else None,
+            checkpoint_score_order="min",
+        ),
+    )
+
+
+def fit(run: RunConfig, data: PreparedData, kind: str) -> ray.train.Result:
+    if not ray.is_initialized():
+        # No address and no RAY_ADDRESS: an embedded Ray sized to this machine.
+        ray.init(address=run.ray.address, log_to_driver=True)
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": run.model_dump(mode="json"), "data": ray.put(data), "kind": kind},
+        scaling_config=ray.train.ScalingConfig(num_workers=run.ray.num_workers, use_gpu=run.ray.use_gpu, resources_per_worker=run.ray.resources_per_worker),
+        run_config=_ray_run_config(run, data.eval is not None),
+    )
+    return trainer.fit()
+
+
+def _chosen_checkpoint(result: ray.train.Result, has_eval: bool) -> ray.train.Checkpoint:
+    if has_eval and result.best_checkpoints:
+        return result.get_best_checkpoint(metric="eval_loss", mode="min")
+    return result.checkpoint
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Swap a fully written folder into place; readers never see a partial adapter."""
+    if target.exists():
+        old = target.with_name(f".{target.name}-old-{time.time_ns()}")
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old)
+    else:
+        staging.rename(target)
+
+
+def export(result: ray.train.Result, run: RunConfig, output_dir: Path, has_eval: bool) -> tuple[Path, dict[str, Any]]:
+    """Adapter + tokenizer from the chosen checkpoint, and the full log history of the run."""
+    chosen = _chosen_checkpoint(result, has_eval)
+    adapter_dir = output_dir / "adapter"
+    staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".adapter-"))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; the adapter is read by Serve and other users
+    with chosen.as_directory() as path:
+        source = Path(path) / HF_CHECKPOINT
+        for item in source.iterdir():
+            if item.name in ADAPTER_FILES or item.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges", "spiece")):
+                shutil.copy2(item, staging / item.name)
+        chosen_state = json.loads((source / "trainer_state.json").read_text())
+    with result.checkpoint.as_directory() as path:
+        final_state = json.loads((Path(path) / HF_CHECKPOINT / "trainer_state.json").read_text())
+    _replace_dir(staging, adapter_dir)
+    info = {"chosen_step": chosen_state["global_step"], "final_step": final_state["global_step"], "checkpoint": chosen.path, "log_history": final_state["log_history"]}
+    return adapter_dir, info
+
+
+def train(run: RunConfig) -> TrainOutcome:
+    """Setup, train, save, clean up: the whole job, top to bottom."""
+    started = time.time()
+    output_dir = Path(run.training.output_dir).resolve()
+    tokenizer = load_tokenizer(run.model)
+    kind = model_kind(run.model)
+    data = prepare(run.data, tokenizer, kind, uses_chat_template(run.model, tokenizer))
+    training_arguments(run, tempfile.mkdtemp(prefix="lorafleet-check-"), data.eval is not None)  # HF's own checks, before Ray starts
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(dump_config(run))
+
+    fit_started = time.time()
+    result = fit(run, data, kind)
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    fit_seconds = time.time() - fit_started
+
+    adapter_dir, info = export(result, run, output_dir, data.eval is not None)
+    metrics = report.summarize(info["log_history"], fit_seconds, time.time() - started)
+    metrics.update(chosen_step=info["chosen_step"], final_step=info["final_step"], checkpoint=info["checkpoint"], kind=kind)
+    (output_dir / "metrics.json").write_text(json.dumps({**metrics, "data": data.report, "log_history": info["log_history"]}, indent=2))
+    report.write(output_dir, run, metrics, data.report, info["log_history"])
+    return TrainOutcome(output_dir=output_dir, adapter_dir=adapter_dir, metrics=metrics)
+
+
+if __name__ == "__main__":
+    from jobs.cli import run_stage
+
+    run_stage("train")

@@ -1,0 +1,1 @@
+"""Ray Serve application for trained adapters (see issue 5)."""

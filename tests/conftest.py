@@ -1,0 +1,31 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests import tiny_models  # noqa: E402
+
+SQUAD_FILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad-v1.1-subset" / "train-notre-dame.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_causal(tmp_path_factory) -> str:
+    return str(tiny_models.build("causal", tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_seq2seq(tmp_path_factory) -> str:
+    return str(tiny_models.build("seq2seq", tmp_path_factory.mktemp("tiny-t5")))
+
+
+@pytest.fixture
+def squad_file() -> Path:
+    if not SQUAD_FILE.exists():
+        pytest.skip(f"SQuAD subset not found at {SQUAD_FILE}")
+    return SQUAD_FILE
