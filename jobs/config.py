@@ -26,7 +26,7 @@ class Section(BaseModel):
 class ModelConfig(Section):
     name: str = Field("smollm2-135m-instruct", description="Hub id, local folder, or 'smollm2-135m-instruct' (offline, packaged).")
     kind: Literal["auto", "causal", "seq2seq"] = Field("auto", description="Architecture family; 'auto' reads it from the model config.")
-    chat_template: Literal["auto", "on", "off"] = Field("auto", description="Wrap prompts in the tokenizer's chat template ('auto': when the tokenizer has one).")
+    chat_template: Literal["auto"] | bool = Field("auto", description="Wrap prompts in the tokenizer's chat template: true, false, or 'auto' (when it has one).")
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint; off unless you trust its author.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
     device_map: str | None = Field(None, description="Only for single-process use; Ray workers place the model on their own device.")

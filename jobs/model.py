@@ -14,7 +14,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig
 
-from jobs.config import PACKAGED_MODELS, ModelConfig, RunConfig
+from jobs.config import PACKAGED_MODELS, ConfigError, ModelConfig, RunConfig
 from jobs.packaged import packaged_model_path
 
 log = logging.getLogger("lorafleet.model")
@@ -46,11 +46,12 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def uses_chat_template(cfg: ModelConfig, tokenizer) -> bool:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
     if cfg.chat_template == "auto":
-        return bool(getattr(tokenizer, "chat_template", None))
-    if cfg.chat_template == "on" and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"model.chat_template = 'on': the tokenizer of {cfg.name!r} has no chat template; set model.chat_template=off")
-    return cfg.chat_template == "on"
+        return has_template
+    if cfg.chat_template and not has_template:
+        raise ConfigError([f"model.chat_template = true: the tokenizer of {cfg.name!r} has no chat template; set model.chat_template=false"])
+    return cfg.chat_template
 
 
 def compute_dtype(run: RunConfig, device: torch.device) -> torch.dtype:

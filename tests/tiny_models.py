@@ -18,7 +18,7 @@ CHAT_TEMPLATE = (
 
 def _corpus() -> list[str]:
     rows = demo_rows(300, seed=0)
-    extra = ["Question: Context: Answer: what who when where which how the a of in is was", "output input first second third"]
+    extra = ["Question: Context: Answer: what who when where which how the a of in is was", "output input first second third", "system user assistant"]
     return [r["input"] for r in rows] + [r["output"] for r in rows] + extra
 
 

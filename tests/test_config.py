@@ -1,0 +1,101 @@
+"""Config schema: defaults, shipped configs, overrides, and errors reported all at once."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.config import ConfigError, RunConfig, apply_overrides, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_valid():
+    cfg = RunConfig()
+    assert cfg.quantization.mode == "4bit" and cfg.model.trust_remote_code is False
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    head = path.read_text().splitlines()[:3]
+    assert all(line.startswith("#") for line in head[:2]), "each config starts with a comment block"
+    assert any("lorafleet train --config configs/" + path.name in line for line in head), "and names the command that runs it"
+
+
+def test_at_least_one_config_per_seed_workload():
+    names = {p.stem for p in CONFIGS}
+    assert {"demo", "posting-time-flan-t5-large", "timeline-json-dialogpt", "query-reformulation-flan-t5", "xsum-phi2", "squad-flan-t5"} <= names
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(None, ["training.learning_rate=1e-4", "lora.r=16", "lora.target_modules=[q_proj, v_proj]", "ray.use_gpu=true", "ray.resources_per_worker={CPU: 2, GPU: 1}"])
+    assert cfg.training.learning_rate == 1e-4 and cfg.lora.r == 16
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.ray.resources_per_worker == {"CPU": 2, "GPU": 1}
+
+
+def test_override_without_equals_is_rejected():
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        apply_overrides({}, ["training.learning_rate"])
+
+
+def test_all_problems_reported_at_once_with_field_value_and_fix(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"nmae": "x"},
+        "lora": {"r": -4, "dropout": 2},
+        "training": {"learnig_rate": 1e-4, "batch_size": "eight"},
+        "quantization": {"mode": "3bit"},
+    }))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    problems = err.value.problems
+    text = str(err.value)
+    assert len(problems) == 6, problems
+    assert "model.nmae = 'x': unknown key; did you mean 'name'?" in text
+    assert "training.learnig_rate" in text and "did you mean 'learning_rate'?" in text
+    assert "lora.r = -4" in text and "greater than 0" in text
+    assert "training.batch_size = 'eight'" in text
+    assert "quantization.mode = '3bit'" in text and "'4bit'" in text
+
+
+def test_cross_field_rules_are_all_reported(tmp_path):
+    overrides = [
+        "training.deepspeed={zero_optimization: {stage: 3}}",
+        "model.device_map=auto",
+        "training.precision=fp16",
+        "ray.resources_per_worker={GPU: 1}",
+        "training.max_steps=0",
+    ]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    text = str(err.value)
+    assert len(err.value.problems) == 5, err.value.problems
+    assert "ZeRO-3 cannot shard 4bit" in text and "use ZeRO stage 2" in text
+    assert "model.device_map = 'auto'" in text and "remove model.device_map" in text
+    assert "training.precision = 'fp16'" in text and "needs a GPU" in text
+    assert "ray.resources_per_worker.GPU = 1" in text and "ray.use_gpu=true" in text
+    assert "training.max_steps = 0" in text
+
+
+def test_zero3_is_fine_without_quantization_and_zero2_with_it(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2}}')
+    assert load_config(None, [f"training.deepspeed={ds}"]).training.deepspeed == str(ds)
+    assert load_config(None, ["quantization.mode=none", "training.deepspeed={zero_optimization: {stage: 3}}"])
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(None, ["training.deepspeed=missing.json"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="YAML mapping"):
+        load_config(bad)
