@@ -34,6 +34,8 @@ def _setup_logging() -> None:
 @app.command()
 def train(config: ConfigOption = None, overrides: Overrides = None) -> None:
     """Train a LoRA/QLoRA adapter with Ray Train; writes adapter, metrics.json and report.md."""
+    from ray.train import TrainingFailedError
+
     from jobs.train import train as run_training
 
     _setup_logging()
@@ -43,6 +45,9 @@ def train(config: ConfigOption = None, overrides: Overrides = None) -> None:
     except (ConfigError, DataError) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
+    except TrainingFailedError as exc:
+        console.print(f"[bold red]training failed:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
     m = outcome.metrics
     console.print(f"[bold green]done[/] in {m['job_total_s']} s: loss {m['first_train_loss']} -> {m['final_train_loss']}, eval loss {m['first_eval_loss']} -> {m['final_eval_loss']}", highlight=False)
     console.print(f"adapter: {outcome.adapter_dir}\nreport:  {outcome.output_dir / 'report.md'}\nmetrics: {outcome.output_dir / 'metrics.json'}", highlight=False)

@@ -205,9 +205,7 @@ def train(run: RunConfig) -> TrainOutcome:
     (output_dir / "config.yaml").write_text(dump_config(run))
 
     fit_started = time.time()
-    result = fit(run, data, kind)
-    if result.error:
-        raise RuntimeError(f"training failed: {result.error}") from result.error
+    result = fit(run, data, kind)  # raises ray.train.TrainingFailedError once max_failures is spent
     fit_seconds = time.time() - fit_started
 
     adapter_dir, info = export(result, run, output_dir, data.eval is not None)

