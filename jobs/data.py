@@ -156,11 +156,11 @@ def _placeholders(template: str) -> list[str]:
 def to_examples(raw: RawData, cfg: DataConfig, fmt: str) -> tuple[list[dict[str, Any]], list[BadRow]]:
     """Map rows to {id, prompt, target, references}; collect rows with missing/empty fields."""
     prompt_template, target_column = templates(cfg, fmt)
-    needed = [*_placeholders(prompt_template), target_column]
-    seen = set().union(*(r.keys() for _, r in raw.rows)) | set(cfg.columns.values()) if raw.rows else set()
-    absent = [name for name in needed if name not in seen]
+    fields = _placeholders(prompt_template)
+    needed = [*fields, target_column]
+    columns = sorted(set().union(*(r.keys() for _, r in raw.rows)))
+    absent = [name for name in needed if name not in set(columns) | set(cfg.columns.values())]
     if raw.rows and absent:
-        columns = sorted(set().union(*(r.keys() for _, r in raw.rows)))
         raise DataError(f"{cfg.path}: column(s) {absent} used by data.prompt_template/data.target_column are not in the data; its columns are {columns}. Rename them with data.columns or change the template")
     examples, bad = [], list(raw.bad)
     for number, record in raw.rows:
@@ -169,13 +169,14 @@ def to_examples(raw: RawData, cfg: DataConfig, fmt: str) -> tuple[list[dict[str,
         if empty:
             bad.extend(BadRow(number, name, "missing or empty") for name in empty)
             continue
-        references = record.get("answers") or [str(record[target_column])]
+        target = str(record[target_column])
         examples.append({
             "id": str(record.get("id", number)),
             "row": number,
-            "prompt": prompt_template.format(**{k: record[k] for k in _placeholders(prompt_template)}),
-            "target": str(record[target_column]),
-            "references": [str(r) for r in references],
+            "prompt": prompt_template.format(**{k: record[k] for k in fields}),
+            "target": target,
+            # SQuAD keeps every annotator's answer for EM/F1; other formats have one reference.
+            "references": [str(r) for r in record["answers"]] if fmt == "squad" else [target],
         })
     return examples, bad
 
