@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig, set_seed
 
 from jobs.config import PACKAGED_MODELS, ConfigError, ModelConfig, RunConfig
 from jobs.packaged import packaged_model_path
@@ -102,6 +102,7 @@ def load_for_training(run: RunConfig, device: torch.device, kind: str):
         model.enable_input_require_grads()
     if checkpointing:
         model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    set_seed(run.training.seed)  # LoRA's A matrices are random: same seed, same adapter init
     model = get_peft_model(model, lora_config(run, kind))
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)

@@ -38,6 +38,7 @@ def summarize(log_history: list[dict[str, Any]], fit_seconds: float, total_secon
         "train_tokens_per_second": round(tokens / runtime, 1) if runtime else None,
         "ray_fit_s": round(fit_seconds, 1),
         "job_total_s": round(total_seconds, 1),
+        "resumed_from_steps": [e["resumed_from_step"] for e in log_history if "resumed_from_step" in e],
         "trainable_parameters": counts.get("trainable_parameters"),
         "total_parameters": counts.get("total_parameters"),
     }
@@ -128,7 +129,8 @@ def write(output_dir: Path, run: RunConfig, metrics: dict[str, Any], data: dict[
         "## Key metrics\n\n" + _table([("Steps", metrics["steps"]), ("First / final training loss", f"{_fmt(metrics['first_train_loss'])} -> {_fmt(metrics['final_train_loss'])}"),
                                        ("First / final validation loss", f"{_fmt(metrics['first_eval_loss'])} -> {_fmt(metrics['final_eval_loss'])}"),
                                        ("Best validation loss (step)", f"{_fmt(metrics['best_eval_loss'])} ({_fmt(metrics['best_eval_step'])})"),
-                                       ("Adapter exported from step", metrics.get("chosen_step"))]),
+                                       ("Adapter exported from step", metrics.get("chosen_step")),
+                                       ("Resumed after a failure from step", ", ".join(map(str, metrics["resumed_from_steps"])) or "never")]),
         "## Timings\n\n" + _table([("Trainer runtime (s)", metrics["train_runtime_s"]), ("Ray fit, incl. worker start (s)", metrics["ray_fit_s"]),
                                    ("Whole job (s)", metrics["job_total_s"]), ("Samples per second", metrics["train_samples_per_second"]),
                                    ("Trained tokens (non-padding)", metrics["tokens_seen"]), ("Trained tokens per second", metrics["train_tokens_per_second"])]),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -33,6 +34,7 @@ from jobs.model import load_for_training, load_tokenizer, model_kind, parameter_
 log = logging.getLogger("lorafleet.train")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 HF_CHECKPOINT = RayTrainReportCallback.CHECKPOINT_NAME
+FAIL_AT_ENV = "LORAFLEET_FAIL_AT"
 
 
 @dataclass
@@ -42,15 +44,37 @@ class TrainOutcome:
     metrics: dict[str, Any]
 
 
-class ParameterCountCallback(TrainerCallback):
-    """Records the trainable/total parameter counts in the trainer state, so the driver's report has them."""
+class RunInfoCallback(TrainerCallback):
+    """Records parameter counts, and every resume after a failure, in the trainer state's log history."""
 
-    def __init__(self, counts: dict[str, int]):
-        self.counts = counts
+    def __init__(self, counts: dict[str, int], resumed: bool):
+        self.counts, self.resumed = counts, resumed
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not any("trainable_parameters" in entry for entry in state.log_history):
             state.log_history.append({"step": 0, "trainable_parameters": self.counts["trainable"], "total_parameters": self.counts["total"]})
+        if self.resumed:
+            state.log_history.append({"step": state.global_step, "resumed_from_step": state.global_step})
+
+
+class FaultInjectionCallback(TrainerCallback):
+    """Test hook, off by default: `LORAFLEET_FAIL_AT=RANK:STEP` kills that rank at that step.
+
+    It fires only in an attempt that did not resume from a checkpoint, so with `ray.max_failures`
+    the restarted run goes on (STEP must come after the first checkpoint). It first waits until
+    Ray has registered every reported checkpoint: Ray collects reports on a 2 s poll, and a crash
+    inside that window loses the newest one. The hook models a crash between checkpoints.
+    """
+
+    def __init__(self, resumed: bool):
+        rank, _, step = os.environ.get(FAIL_AT_ENV, "").partition(":")
+        self.target = None if resumed or not step else (int(rank), int(step))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.target == (ray.train.get_context().get_world_rank(), state.global_step):
+            ray.train.get_all_reported_checkpoints()
+            log.error("%s: killing rank %d at step %d", FAIL_AT_ENV, *self.target)
+            os._exit(1)
 
 
 def training_arguments(run: RunConfig, output_dir: str, has_eval: bool) -> TrainingArguments:
@@ -109,6 +133,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tokenizer = load_tokenizer(run.model)
     model = load_for_training(run, device, config["kind"])
     workdir = Path(tempfile.mkdtemp(prefix="lorafleet-worker-"))
+    resume_dir = _local_resume_dir(workdir)
     trainer = Trainer(
         model=model,
         args=training_arguments(run, str(workdir / "hf"), data.eval is not None),
@@ -116,11 +141,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         eval_dataset=data.eval,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
         processing_class=tokenizer,
-        callbacks=[ParameterCountCallback(parameter_counts(model)), RayTrainReportCallback()],
+        callbacks=[
+            RunInfoCallback(parameter_counts(model), resumed=resume_dir is not None),
+            FaultInjectionCallback(resumed=resume_dir is not None),
+            RayTrainReportCallback(),
+        ],
     )
     trainer = prepare_trainer(trainer)
     try:
-        trainer.train(resume_from_checkpoint=_local_resume_dir(workdir))
+        trainer.train(resume_from_checkpoint=resume_dir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -136,6 +165,7 @@ def _ray_run_config(run: RunConfig, has_eval: bool) -> ray.train.RunConfig:
         name=name,
         storage_path=_storage_path(run),
         failure_config=ray.train.FailureConfig(max_failures=run.ray.max_failures),
+        worker_runtime_env={"env_vars": _passed_env()},
         checkpoint_config=ray.train.CheckpointConfig(
             num_to_keep=run.training.keep_checkpoints,
             checkpoint_score_attribute="eval_loss" if has_eval else None,
@@ -144,10 +174,16 @@ def _ray_run_config(run: RunConfig, has_eval: bool) -> ray.train.RunConfig:
     )
 
 
+def _passed_env() -> dict[str, str]:
+    """Variables the workers need from the driver's environment (offline mode, the test hook)."""
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "LORAFLEET_CACHE", "TOKENIZERS_PARALLELISM", FAIL_AT_ENV)
+    return {name: os.environ[name] for name in names if name in os.environ}
+
+
 def fit(run: RunConfig, data: PreparedData, kind: str) -> ray.train.Result:
     if not ray.is_initialized():
         # No address and no RAY_ADDRESS: an embedded Ray sized to this machine.
-        ray.init(address=run.ray.address, log_to_driver=True)
+        ray.init(address=run.ray.address)
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": run.model_dump(mode="json"), "data": ray.put(data), "kind": kind},

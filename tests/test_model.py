@@ -72,3 +72,12 @@ def test_adapters_without_safetensors_are_refused(tiny_causal, tmp_path):
     (tmp_path / "adapter" / "adapter_model.bin").write_bytes(b"pickle")
     with pytest.raises(FileNotFoundError, match="only safetensors"):
         load_adapter(_run(tiny_causal, tmp_path), tmp_path / "adapter", CPU, "causal")
+
+
+def test_adapter_init_follows_the_training_seed(tiny_causal, tmp_path):
+    def lora_a(seed):
+        model = load_for_training(_run(tiny_causal, tmp_path, f"training.seed={seed}"), CPU, "causal")
+        return next(p for n, p in model.named_parameters() if "lora_A" in n).detach().clone()
+
+    assert torch.equal(lora_a(1), lora_a(1))
+    assert not torch.equal(lora_a(1), lora_a(2))

@@ -74,3 +74,27 @@ def test_two_worker_qlora_run(local_ray, tiny_causal, tmp_path):
     saved = load_config(out / "config.yaml")
     assert saved == run
     assert not list(Path(out).glob(".adapter-*")), "no staging folder left behind"
+
+
+def _resume_run(tiny_causal, tmp_path, name, max_failures):
+    return load_config(None, [
+        f"model.name={tiny_causal}", f"training.output_dir={tmp_path / name}", f"ray.storage_path={tmp_path / 'storage'}",
+        "ray.num_workers=2", "data.demo_rows=96", "training.max_steps=12", "training.eval_steps=4", "training.logging_steps=1",
+        "training.learning_rate=5e-3", "training.batch_size=4", f"ray.max_failures={max_failures}",
+    ])
+
+
+def test_worker_killed_mid_run_resumes_from_latest_checkpoint(local_ray, tiny_causal, tmp_path, monkeypatch):
+    reference = train(_resume_run(tiny_causal, tmp_path, "uninterrupted", 0)).metrics
+    monkeypatch.setenv("LORAFLEET_FAIL_AT", "1:6")  # rank 1 dies at step 6; the latest checkpoint is step 4
+    with pytest.raises(ray.train.TrainingFailedError):
+        train(_resume_run(tiny_causal, tmp_path, "no-retries", 0))
+    resumed = train(_resume_run(tiny_causal, tmp_path, "resumed", 1)).metrics
+
+    assert resumed["final_step"] == 12
+    history = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["log_history"]
+    steps = [e["step"] for e in history if "loss" in e]
+    assert steps == list(range(1, 13)), "steps 5..12 rerun once after resuming at step 4; nothing else is redone"
+    assert resumed["resumed_from_steps"] == [4] and reference["resumed_from_steps"] == []
+    assert "| Resumed after a failure from step | 4 |" in (tmp_path / "resumed" / "report.md").read_text()
+    assert resumed["final_eval_loss"] == pytest.approx(reference["final_eval_loss"], rel=1e-3)
