@@ -49,7 +49,8 @@ def train(config: ConfigOption = None, overrides: Overrides = None) -> None:
         console.print(f"[bold red]training failed:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
     m = outcome.metrics
-    console.print(f"[bold green]done[/] in {m['job_total_s']} s: loss {m['first_train_loss']} -> {m['final_train_loss']}, eval loss {m['first_eval_loss']} -> {m['final_eval_loss']}", highlight=False)
+    losses = [f"{label} {m[f'first_{key}']:.4f} -> {m[f'final_{key}']:.4f}" for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss")) if m[f"first_{key}"] is not None]
+    console.print(f"[bold green]done[/] in {m['job_total_s']} s, {m['steps']} steps: {', '.join(losses) or 'no loss logged'}", highlight=False)
     console.print(f"adapter: {outcome.adapter_dir}\nreport:  {outcome.output_dir / 'report.md'}\nmetrics: {outcome.output_dir / 'metrics.json'}", highlight=False)
 
 

@@ -8,6 +8,7 @@ at once (field, value, fix) before anything touches Ray.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -134,7 +135,11 @@ def _rule_zero3_with_kbit(cfg: RunConfig) -> str | None:
     return None
 
 
-def _rule_deepspeed_file(cfg: RunConfig) -> str | None:
+def _rule_deepspeed_usable(cfg: RunConfig) -> str | None:
+    if cfg.training.deepspeed is None:
+        return None
+    if importlib.util.find_spec("deepspeed") is None:
+        return _problem("training.deepspeed", cfg.training.deepspeed, "DeepSpeed is not installed: pip install 'lorafleet[deepspeed]', or remove training.deepspeed")
     if _deepspeed_stage(cfg) == -1:
         return _problem("training.deepspeed", cfg.training.deepspeed, "file not found; give an existing DeepSpeed JSON/YAML path or an inline dict")
     return None
@@ -187,7 +192,7 @@ def _rule_template_uses_columns(cfg: RunConfig) -> str | None:
 
 CROSS_FIELD_RULES = (
     _rule_zero3_with_kbit,
-    _rule_deepspeed_file,
+    _rule_deepspeed_usable,
     _rule_device_map,
     _rule_fp16_on_cpu,
     _rule_gpu_resources,

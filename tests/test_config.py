@@ -1,5 +1,6 @@
 """Config schema: defaults, shipped configs, overrides, and errors reported all at once."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,8 @@ def test_all_problems_reported_at_once_with_field_value_and_fix(tmp_path):
     assert "quantization.mode = '3bit'" in text and "'4bit'" in text
 
 
-def test_cross_field_rules_are_all_reported(tmp_path):
+def test_cross_field_rules_are_all_reported(monkeypatch):
+    _pretend_deepspeed(monkeypatch, installed=True)
     overrides = [
         "training.deepspeed={zero_optimization: {stage: 3}}",
         "model.device_map=auto",
@@ -80,13 +82,25 @@ def test_cross_field_rules_are_all_reported(tmp_path):
     assert "training.max_steps = 0" in text
 
 
-def test_zero3_is_fine_without_quantization_and_zero2_with_it(tmp_path):
+def _pretend_deepspeed(monkeypatch, installed: bool):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (object() if installed else None) if name == "deepspeed" else real_find_spec(name, *a))
+
+
+def test_deepspeed_rules(tmp_path, monkeypatch):
+    _pretend_deepspeed(monkeypatch, installed=True)
     ds = tmp_path / "ds.json"
     ds.write_text('{"zero_optimization": {"stage": 2}}')
     assert load_config(None, [f"training.deepspeed={ds}"]).training.deepspeed == str(ds)
     assert load_config(None, ["quantization.mode=none", "training.deepspeed={zero_optimization: {stage: 3}}"])
     with pytest.raises(ConfigError, match="file not found"):
         load_config(None, ["training.deepspeed=missing.json"])
+
+
+def test_deepspeed_missing_names_the_extra(monkeypatch):
+    _pretend_deepspeed(monkeypatch, installed=False)
+    with pytest.raises(ConfigError, match=r"DeepSpeed is not installed: pip install 'lorafleet\[deepspeed\]'"):
+        load_config(None, ["training.deepspeed={zero_optimization: {stage: 2}}"])
 
 
 def test_missing_and_malformed_files(tmp_path):
