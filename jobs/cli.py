@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -14,7 +15,8 @@ from jobs.config import ConfigError, load_config
 from jobs.data import DataError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune with QLoRA on Ray: train, sweep, serve.")
-console = Console(stderr=True)
+console = Console(stderr=True)  # errors and status
+results = Console(soft_wrap=True)  # what a command produces (tables, output paths), never re-wrapped
 
 ConfigOption = Annotated[Optional[str], typer.Option("--config", "-c", help="Run config YAML (see configs/).")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. training.learning_rate=1e-4 lora.r=16", show_default=False)]
@@ -50,8 +52,39 @@ def train(config: ConfigOption = None, overrides: Overrides = None) -> None:
         raise typer.Exit(1) from None
     m = outcome.metrics
     losses = [f"{label} {m[f'first_{key}']:.4f} -> {m[f'final_{key}']:.4f}" for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss")) if m[f"first_{key}"] is not None]
-    console.print(f"[bold green]done[/] in {m['job_total_s']} s, {m['steps']} steps: {', '.join(losses) or 'no loss logged'}", highlight=False)
-    console.print(f"adapter: {outcome.adapter_dir}\nreport:  {outcome.output_dir / 'report.md'}\nmetrics: {outcome.output_dir / 'metrics.json'}", highlight=False)
+    results.print(f"[bold green]done[/] in {m['job_total_s']} s, {m['steps']} steps: {', '.join(losses) or 'no loss logged'}", highlight=False)
+    results.print(f"adapter: {outcome.adapter_dir}\nreport:  {outcome.output_dir / 'report.md'}\nmetrics: {outcome.output_dir / 'metrics.json'}", highlight=False)
+
+
+@app.command("eval")
+def evaluate(
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="Adapter folder; default: <training.output_dir>/adapter.")] = None,
+    baseline: Annotated[bool, typer.Option("--baseline", help="Evaluate the base model alone.")] = False,
+    skip_base: Annotated[bool, typer.Option("--skip-base", help="Evaluate the adapter alone, without the base-model comparison.")] = False,
+    predictions: Annotated[Optional[Path], typer.Option(help="Write one JSON line per example: id, input, prediction, references, metrics.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Report folder; default: <training.output_dir>/eval.")] = None,
+) -> None:
+    """Evaluate the adapter against the base model on the same examples: eval.md, eval.json, eval.png."""
+    from jobs.evaluation import run_eval
+
+    _setup_logging()
+    try:
+        run = load_config(config, overrides or [])
+        if baseline and (adapter or skip_base):
+            raise ConfigError([f"--baseline: evaluates the base model alone; drop --adapter/--skip-base (got adapter={adapter}, skip_base={skip_base})"])
+        if not baseline:
+            adapter = adapter or Path(run.training.output_dir) / "adapter"
+            if not adapter.is_dir():
+                raise ConfigError([f"--adapter = {str(adapter)!r}: no such folder; train first, pass --adapter DIR, or use --baseline"])
+        output_dir = output or Path(run.training.output_dir) / "eval"
+        run_eval(run, None if baseline else adapter, not skip_base, output_dir, predictions)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    results.print((output_dir / "eval.md").read_text().split("## Failed generations")[0], highlight=False, markup=False)
+    results.print(f"report: {output_dir / 'eval.md'}" + (f"\npredictions: {predictions}" if predictions else ""), highlight=False)
 
 
 def run_stage(stage: str) -> None:

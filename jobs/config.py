@@ -61,6 +61,7 @@ class DataConfig(Section):
     max_source_length: int = Field(256, gt=0, description="Prompt tokens kept (longer prompts are truncated and counted).")
     max_target_length: int = Field(128, gt=0, description="Target tokens kept (longer targets are truncated and counted).")
     bad_rows: Literal["fail", "skip"] = Field("fail", description="Rows with missing/empty fields: stop with their row numbers, or skip and report them.")
+    eval_path: str | None = Field(None, description="Evaluate on this file (same format) instead of the held-out split.")
     demo_rows: int = Field(400, gt=0, description="Rows generated when path is 'demo'.")
     seed: int = Field(42, description="Seed of the train/validation split and demo generator.")
 
@@ -87,6 +88,21 @@ class TrainingConfig(Section):
     dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes per Ray worker.")
 
 
+class EvalConfig(Section):
+    metrics: list[Literal["squad", "rouge", "json"]] = Field(default_factory=list, description="Task metrics besides eval loss/perplexity: squad (EM/F1), rouge, json.")
+    max_new_tokens: int = Field(64, gt=0, le=4096, description="Tokens generated per example (never max_length: long prompts would leave no room).")
+    num_beams: int = Field(1, gt=0, description="Beam search width; 1 is greedy.")
+    do_sample: bool = Field(False, description="Sample instead of greedy/beam decoding.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (with do_sample).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
+    stop: list[str] = Field(default_factory=list, description="Stop strings: generation ends at the first, which is cut from the output.")
+    batch_size: int = Field(8, gt=0, description="Examples generated per batch (left-padded for causal models).")
+    during_training_samples: int = Field(0, ge=0, description="Validation examples generated at each evaluation to report task metrics to Ray (0: loss only).")
+    json_schema: str | dict[str, Any] | None = Field(None, description="JSON schema (file or inline) for the json metric's compliance rate.")
+    report_samples: int = Field(5, ge=0, description="Sample predictions shown side by side in eval.md.")
+    seed: int = Field(42, description="Seed for sampled generation.")
+
+
 class RayConfig(Section):
     address: str | None = Field(None, description="Cluster address; empty: RAY_ADDRESS, else an embedded local Ray.")
     num_workers: int = Field(1, gt=0, description="Ray Train workers (one process and one device each).")
@@ -104,6 +120,7 @@ class RunConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Hugging Face Trainer settings.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray Train scaling and storage.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Generation and task metrics for evaluation.")
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> RunConfig:
@@ -190,6 +207,21 @@ def _rule_template_uses_columns(cfg: RunConfig) -> str | None:
     return None
 
 
+def _rule_json_schema(cfg: RunConfig) -> str | None:
+    schema = cfg.eval.json_schema
+    if schema is not None and "json" not in cfg.eval.metrics:
+        return _problem("eval.json_schema", schema, "a schema is only used by the json metric; add json to eval.metrics")
+    if isinstance(schema, str) and not Path(schema).is_file():
+        return _problem("eval.json_schema", schema, "file not found; give a JSON schema file or an inline mapping")
+    return None
+
+
+def _rule_metrics_in_training_need_metrics(cfg: RunConfig) -> str | None:
+    if cfg.eval.during_training_samples and not cfg.eval.metrics:
+        return _problem("eval.during_training_samples", cfg.eval.during_training_samples, "set eval.metrics (e.g. [squad]) to compute task metrics during training, or set it to 0")
+    return None
+
+
 CROSS_FIELD_RULES = (
     _rule_zero3_with_kbit,
     _rule_deepspeed_usable,
@@ -200,6 +232,8 @@ CROSS_FIELD_RULES = (
     _rule_steps,
     _rule_lora_targets,
     _rule_template_uses_columns,
+    _rule_json_schema,
+    _rule_metrics_in_training_need_metrics,
 )
 
 

@@ -114,10 +114,18 @@ def parameter_counts(model) -> dict[str, int]:
     return {"trainable": int(trainable), "total": int(total)}
 
 
-def load_adapter(run: RunConfig, adapter_dir: str | Path, device: torch.device, kind: str):
-    """Base + a saved adapter, for evaluation and serving (safetensors only)."""
-    weights = Path(adapter_dir) / "adapter_model.safetensors"
-    if not weights.is_file():
+def _require_safetensors(adapter_dir: str | Path) -> None:
+    if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors; only safetensors adapters are loaded (pickle files can run code)")
-    base = load_base(run, device, kind)
+
+
+def attach_adapter(base, adapter_dir: str | Path):
+    """A saved adapter on an already loaded base."""
+    _require_safetensors(adapter_dir)
     return PeftModel.from_pretrained(base, str(adapter_dir))
+
+
+def load_adapter(run: RunConfig, adapter_dir: str | Path, device: torch.device, kind: str):
+    """Base + a saved adapter, for evaluation and serving."""
+    _require_safetensors(adapter_dir)  # before the slow base load
+    return attach_adapter(load_base(run, device, kind), adapter_dir)

@@ -29,6 +29,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 from jobs import report
 from jobs.config import RunConfig, dump_config
 from jobs.data import PreparedData, prepare
+from jobs.evaluation import task_metrics
 from jobs.model import load_for_training, load_tokenizer, model_kind, parameter_counts, uses_chat_template
 
 log = logging.getLogger("lorafleet.train")
@@ -55,6 +56,22 @@ class RunInfoCallback(TrainerCallback):
             state.log_history.append({"step": 0, "trainable_parameters": self.counts["trainable"], "total_parameters": self.counts["total"]})
         if self.resumed:
             state.log_history.append({"step": state.global_step, "resumed_from_step": state.global_step})
+
+
+class TaskMetricsCallback(TrainerCallback):
+    """At each evaluation, rank 0 generates for a sample of the validation set and adds the task
+    metrics (eval_f1, eval_rougeL, ...) to that evaluation's log, so Ray and a sweep see them."""
+
+    def __init__(self, run: RunConfig, examples: list[dict[str, Any]], tokenizer, kind: str, use_chat: bool):
+        self.run, self.examples, self.tokenizer, self.kind, self.use_chat = run, examples, tokenizer, kind, use_chat
+
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+        if not self.examples or ray.train.get_context().get_world_rank() != 0:
+            return
+        _, _, scores = task_metrics(self.run, model, self.tokenizer, self.examples, self.kind, self.use_chat, desc="Task metrics")
+        extra = {f"eval_{name}": value for name, value in scores.items()}
+        state.log_history[-1].update(extra)  # the evaluation entry the Trainer just logged
+        metrics.update(extra)
 
 
 class FaultInjectionCallback(TrainerCallback):
@@ -143,6 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         processing_class=tokenizer,
         callbacks=[
             RunInfoCallback(parameter_counts(model), resumed=resume_dir is not None),
+            TaskMetricsCallback(run, data.eval_examples[: run.eval.during_training_samples], tokenizer, config["kind"], config["use_chat"]),
             FaultInjectionCallback(resumed=resume_dir is not None),
             RayTrainReportCallback(),
         ],
@@ -180,13 +198,13 @@ def _passed_env() -> dict[str, str]:
     return {name: os.environ[name] for name in names if name in os.environ}
 
 
-def fit(run: RunConfig, data: PreparedData, kind: str) -> ray.train.Result:
+def fit(run: RunConfig, data: PreparedData, kind: str, use_chat: bool) -> ray.train.Result:
     if not ray.is_initialized():
         # No address and no RAY_ADDRESS: an embedded Ray sized to this machine.
         ray.init(address=run.ray.address)
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": run.model_dump(mode="json"), "data": ray.put(data), "kind": kind},
+        train_loop_config={"run": run.model_dump(mode="json"), "data": ray.put(data), "kind": kind, "use_chat": use_chat},
         scaling_config=ray.train.ScalingConfig(num_workers=run.ray.num_workers, use_gpu=run.ray.use_gpu, resources_per_worker=run.ray.resources_per_worker),
         run_config=_ray_run_config(run, data.eval is not None),
     )
@@ -235,13 +253,14 @@ def train(run: RunConfig) -> TrainOutcome:
     output_dir = Path(run.training.output_dir).resolve()
     tokenizer = load_tokenizer(run.model)
     kind = model_kind(run.model)
-    data = prepare(run.data, tokenizer, kind, uses_chat_template(run.model, tokenizer))
+    use_chat = uses_chat_template(run.model, tokenizer)
+    data = prepare(run.data, tokenizer, kind, use_chat)
     training_arguments(run, tempfile.mkdtemp(prefix="lorafleet-check-"), data.eval is not None)  # HF's own checks, before Ray starts
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(dump_config(run))
 
     fit_started = time.time()
-    result = fit(run, data, kind)  # raises ray.train.TrainingFailedError once max_failures is spent
+    result = fit(run, data, kind, use_chat)  # raises ray.train.TrainingFailedError once max_failures is spent
     fit_seconds = time.time() - fit_started
 
     adapter_dir, info = export(result, run, output_dir, data.eval is not None)

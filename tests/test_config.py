@@ -113,3 +113,14 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="YAML mapping"):
         load_config(bad)
+
+
+def test_eval_rules():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["eval.json_schema={type: object}", "eval.during_training_samples=8", "eval.max_new_tokens=0", "eval.metrics=[bleu]"])
+    text = str(err.value)
+    assert "eval.max_new_tokens = 0" in text and "eval.metrics.0 = 'bleu'" in text
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["eval.json_schema={type: object}", "eval.during_training_samples=8"])
+    assert "add json to eval.metrics" in str(err.value) and "set eval.metrics (e.g. [squad])" in str(err.value)
+    assert load_config(None, ["eval.metrics=[json]", "eval.json_schema={type: object}", "eval.during_training_samples=8"]).eval.during_training_samples == 8

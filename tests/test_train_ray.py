@@ -39,9 +39,13 @@ def test_two_worker_qlora_run(local_ray, tiny_causal, tmp_path):
         f"model.name={tiny_causal}", f"training.output_dir={out}", f"ray.storage_path={storage}",
         "ray.num_workers=2", "data.demo_rows=160", "training.max_steps=16", "training.eval_steps=8",
         "training.logging_steps=2", "training.learning_rate=5e-3", "training.batch_size=4",
+        "eval.metrics=[rouge]", "eval.during_training_samples=4", "eval.max_new_tokens=6",
     ])
     outcome = train(run)
     metrics = json.loads((out / "metrics.json").read_text())
+    # Task metrics are computed at every evaluation and reach Ray next to the loss.
+    evaluations = [e for e in metrics["log_history"] if "eval_loss" in e]
+    assert len(evaluations) == 2 and all({"eval_rouge1", "eval_rougeL", "eval_failed_generations"} <= set(e) for e in evaluations)
 
     assert metrics["final_train_loss"] < metrics["first_train_loss"]
     assert metrics["final_eval_loss"] < metrics["first_eval_loss"]

@@ -46,6 +46,8 @@ def build(kind: str, folder: Path) -> Path:
         config = T5Config(vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
         model = T5ForConditionalGeneration(config)
+        with torch.no_grad():  # T5 ties input and output embeddings: a random <pad> row makes the decoder echo its start token forever
+            model.shared.weight[tokenizer.pad_token_id].zero_()
     else:
         config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
