@@ -49,3 +49,15 @@ def test_failures_are_reported_per_example(tiny_causal, monkeypatch):
 def test_stop_strings_are_cut():
     assert cut_at_stop("answer}\n\nmore text", ["\n\n", "}"]) == "answer"
     assert cut_at_stop("no stop here", ["###"]) == "no stop here"
+
+
+def test_plain_prompt_beam_search_and_seeded_sampling(tiny_causal):
+    run = load_config(None, [f"model.name={tiny_causal}", "quantization.mode=none", "eval.max_new_tokens=6"])
+    model, tokenizer = load_base(run, CPU, "causal"), AutoTokenizer.from_pretrained(tiny_causal)
+    plain = generate(model, tokenizer, PROMPTS[:2], "causal", False, run.data, run.eval)
+    beams = generate(model, tokenizer, PROMPTS[:2], "causal", False, run.data, run.eval.model_copy(update={"num_beams": 3}))
+    sampling = run.eval.model_copy(update={"do_sample": True, "temperature": 1.5, "seed": 7})
+    first, again = (generate(model, tokenizer, PROMPTS[:2], "causal", False, run.data, sampling) for _ in range(2))
+    assert all(g.text for g in plain + beams + first)
+    assert [g.text for g in first] == [g.text for g in again], "sampling is seeded"
+    assert [g.text for g in first] != [g.text for g in plain]
