@@ -17,19 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
+import yaml
+from transformers import DataCollatorForSeq2Seq
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from transformers import DataCollatorForSeq2Seq  # noqa: E402
-
-from jobs.config import RunConfig  # noqa: E402
-from jobs.data import DataError, encode, load_examples, split  # noqa: E402
-from jobs.generate import Generation, generate  # noqa: E402
-from jobs.metrics import aggregate, metric_names, score  # noqa: E402
-from jobs.model import attach_adapter, load_base, load_tokenizer, model_kind, uses_chat_template  # noqa: E402
+from jobs.config import RunConfig
+from jobs.data import DataError, encode, load_examples, split
+from jobs.generate import Generation, generate
+from jobs.metrics import aggregate, metric_names, score
+from jobs.model import attach_adapter, load_base, load_tokenizer, model_kind, uses_chat_template
+from jobs.report import fmt, plot_bars
 
 SHOWN_PER_MODEL = ("base", "adapter")
 
@@ -129,10 +126,6 @@ def write_predictions(path: Path, examples: list[dict[str, Any]], results: dict[
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _fmt(value: Any) -> str:
-    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def _metrics_table(results: dict[str, ModelResult]) -> str:
     labels = [label for label in SHOWN_PER_MODEL if label in results]
     names = list(next(iter(results.values())).metrics)
@@ -142,7 +135,7 @@ def _metrics_table(results: dict[str, ModelResult]) -> str:
     for name in names:
         values = [results[label].metrics[name] for label in labels]
         delta = f" | {values[1] - values[0]:+.4g}" if both else ""
-        lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in values) + delta + " |")
+        lines.append(f"| {name} | " + " | ".join(fmt(v) for v in values) + delta + " |")
     return "\n".join(lines)
 
 
@@ -166,27 +159,13 @@ def _samples(examples: list[dict[str, Any]], results: dict[str, ModelResult], co
     return "\n\n".join(blocks)
 
 
-def plot_metrics(results: dict[str, ModelResult], path: Path) -> None:
-    names = [n for n in next(iter(results.values())).metrics if n not in ("failed_generations", "perplexity")]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 4))
-    width = 0.8 / len(results)
-    for offset, (label, result) in enumerate(results.items()):
-        ax.bar([i + offset * width for i in range(len(names))], [result.metrics[n] for n in names], width, label=label)
-    ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(names))], names)
-    ax.set_title("Evaluation: base vs adapter")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def write_reports(output_dir: Path, run: RunConfig, examples: list[dict[str, Any]], results: dict[str, ModelResult], adapter: Path | None) -> None:
     source = run.data.eval_path or f"{run.data.path} (held-out {run.data.validation_fraction:.0%}, seed {run.data.seed})"
     summary = {"model": run.model.name, "adapter": str(adapter) if adapter else None, "eval_set": source, "examples": len(examples),
                "generation": run.eval.model_dump(mode="json"), "results": {label: {"metrics": r.metrics, "failures": r.failures, "seconds": r.seconds} for label, r in results.items()}}
     (output_dir / "eval.json").write_text(json.dumps(summary, indent=2))
-    plot_metrics(results, output_dir / "eval.png")
+    charted = {label: {n: v for n, v in r.metrics.items() if n not in ("failed_generations", "perplexity")} for label, r in results.items()}
+    plot_bars(charted, output_dir / "eval.png", "Evaluation: base vs adapter")
     sections = [
         f"# Evaluation: {run.model.name}" + (f" + `{adapter}`" if adapter else ""),
         f"Eval set: {source}, {len(examples)} examples. Generation: max_new_tokens={run.eval.max_new_tokens}, "

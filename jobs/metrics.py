@@ -18,7 +18,6 @@ from rouge_score import rouge_scorer
 from torchmetrics.functional.text import squad
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
-TASK_METRICS = ("squad", "rouge", "json")
 _ROUGE = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=False)
 
 

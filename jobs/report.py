@@ -60,13 +60,29 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_bars(series: dict[str, dict[str, float]], path: Path, title: str) -> None:
+    """One group of bars per metric, one bar per series (e.g. base vs adapter)."""
+    names = list(next(iter(series.values())))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 4))
+    width = 0.8 / len(series)
+    for offset, (label, values) in enumerate(series.items()):
+        ax.bar([i + offset * width for i in range(len(names))], [values[n] for n in names], width, label=label)
+    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(names))], names)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _table(rows: list[tuple[str, Any]], header: tuple[str, str] = ("Parameter", "Value")) -> str:
     lines = [f"| {header[0]} | {header[1]} |", "| --- | --- |"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in rows]
+    lines += [f"| {k} | {fmt(v)} |" for k, v in rows]
     return "\n".join(lines)
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -85,7 +101,7 @@ def _loss_table(log_history: list[dict[str, Any]]) -> str:
             row = steps.setdefault(entry["step"], {"epoch": entry.get("epoch")})
             row.update({k: entry[k] for k in ("loss", "eval_loss") if k in entry})
     lines = ["| Step | Epoch | Training loss | Validation loss |", "| --- | --- | --- | --- |"]
-    lines += [f"| {s} | {_fmt(r.get('epoch'))} | {_fmt(r.get('loss'))} | {_fmt(r.get('eval_loss'))} |" for s, r in sorted(steps.items())]
+    lines += [f"| {s} | {fmt(r.get('epoch'))} | {fmt(r.get('loss'))} | {fmt(r.get('eval_loss'))} |" for s, r in sorted(steps.items())]
     return "\n".join(lines)
 
 
@@ -96,8 +112,8 @@ def _data_section(data: dict[str, Any]) -> str:
         if split in data:
             s = data[split]
             rows += [(f"{split}: examples", s["rows"]),
-                     (f"{split}: prompt tokens mean / p50 / p95 / max", " / ".join(_fmt(s["prompt_tokens"].get(k)) for k in ("mean", "p50", "p95", "max"))),
-                     (f"{split}: target tokens mean / p50 / p95 / max", " / ".join(_fmt(s["target_tokens"].get(k)) for k in ("mean", "p50", "p95", "max"))),
+                     (f"{split}: prompt tokens mean / p50 / p95 / max", " / ".join(fmt(s["prompt_tokens"].get(k)) for k in ("mean", "p50", "p95", "max"))),
+                     (f"{split}: target tokens mean / p50 / p95 / max", " / ".join(fmt(s["target_tokens"].get(k)) for k in ("mean", "p50", "p95", "max"))),
                      (f"{split}: truncated examples", f"{s['truncated']} ({100 * s['truncated_share']:.1f}%)")]
     text = _table(rows)
     if data["bad_row_details"]:
@@ -126,9 +142,9 @@ def write(output_dir: Path, run: RunConfig, metrics: dict[str, Any], data: dict[
                                           ("Precision", t.precision), ("Gradient checkpointing", t.gradient_checkpointing), ("Seed", t.seed)]),
         "## Data\n\n" + _data_section(data),
         "## Loss curve\n\n![loss](loss.png)\n\n" + _loss_table(log_history),
-        "## Key metrics\n\n" + _table([("Steps", metrics["steps"]), ("First / final training loss", f"{_fmt(metrics['first_train_loss'])} -> {_fmt(metrics['final_train_loss'])}"),
-                                       ("First / final validation loss", f"{_fmt(metrics['first_eval_loss'])} -> {_fmt(metrics['final_eval_loss'])}"),
-                                       ("Best validation loss (step)", f"{_fmt(metrics['best_eval_loss'])} ({_fmt(metrics['best_eval_step'])})"),
+        "## Key metrics\n\n" + _table([("Steps", metrics["steps"]), ("First / final training loss", f"{fmt(metrics['first_train_loss'])} -> {fmt(metrics['final_train_loss'])}"),
+                                       ("First / final validation loss", f"{fmt(metrics['first_eval_loss'])} -> {fmt(metrics['final_eval_loss'])}"),
+                                       ("Best validation loss (step)", f"{fmt(metrics['best_eval_loss'])} ({fmt(metrics['best_eval_step'])})"),
                                        ("Adapter exported from step", metrics.get("chosen_step")),
                                        ("Resumed after a failure from step", ", ".join(map(str, metrics["resumed_from_steps"])) or "never")]),
         "## Timings\n\n" + _table([("Trainer runtime (s)", metrics["train_runtime_s"]), ("Ray fit, incl. worker start (s)", metrics["ray_fit_s"]),

@@ -151,6 +151,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = load_for_training(run, device, config["kind"])
     workdir = Path(tempfile.mkdtemp(prefix="lorafleet-worker-"))
     resume_dir = _local_resume_dir(workdir)
+    resumed = resume_dir is not None
     trainer = Trainer(
         model=model,
         args=training_arguments(run, str(workdir / "hf"), data.eval is not None),
@@ -159,9 +160,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
         processing_class=tokenizer,
         callbacks=[
-            RunInfoCallback(parameter_counts(model), resumed=resume_dir is not None),
+            RunInfoCallback(parameter_counts(model), resumed=resumed),
             TaskMetricsCallback(run, data.eval_examples[: run.eval.during_training_samples], tokenizer, config["kind"], config["use_chat"]),
-            FaultInjectionCallback(resumed=resume_dir is not None),
+            FaultInjectionCallback(resumed=resumed),
             RayTrainReportCallback(),
         ],
     )
@@ -255,7 +256,8 @@ def train(run: RunConfig) -> TrainOutcome:
     kind = model_kind(run.model)
     use_chat = uses_chat_template(run.model, tokenizer)
     data = prepare(run.data, tokenizer, kind, use_chat)
-    training_arguments(run, tempfile.mkdtemp(prefix="lorafleet-check-"), data.eval is not None)  # HF's own checks, before Ray starts
+    with tempfile.TemporaryDirectory(prefix="lorafleet-check-") as scratch:
+        training_arguments(run, scratch, data.eval is not None)  # HF's own checks, before Ray starts
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(dump_config(run))
 
