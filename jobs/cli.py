@@ -22,11 +22,6 @@ ConfigOption = Annotated[Optional[str], typer.Option("--config", "-c", help="Run
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. training.learning_rate=1e-4 lora.r=16", show_default=False)]
 
 
-@app.callback()
-def _group() -> None:
-    """Keeps `train` a subcommand while it is the only one."""
-
-
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Tokenizers' thread pool deadlocks in processes forked by Ray and the DataLoader.
@@ -54,6 +49,32 @@ def train(config: ConfigOption = None, overrides: Overrides = None) -> None:
     losses = [f"{label} {m[f'first_{key}']:.4f} -> {m[f'final_{key}']:.4f}" for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss")) if m[f"first_{key}"] is not None]
     results.print(f"[bold green]done[/] in {m['job_total_s']} s, {m['steps']} steps: {', '.join(losses) or 'no loss logged'}", highlight=False)
     results.print(f"adapter: {outcome.adapter_dir}\nreport:  {outcome.output_dir / 'report.md'}\nmetrics: {outcome.output_dir / 'metrics.json'}", highlight=False)
+
+
+@app.command()
+def sweep(
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted sweep in this folder (its tune.output_dir).")] = None,
+) -> None:
+    """Sweep hyperparameters with Ray Tune (each trial a Ray Train run); writes leaderboard and best/adapter."""
+    from tune.sweep import resume_config, sweep as run_sweep
+
+    _setup_logging()
+    try:
+        if resume and (config or overrides):
+            raise ConfigError([f"--resume = {str(resume)!r}: a sweep resumes with the config it started with ({resume}/sweep.yaml); drop --config and overrides"])
+        run = resume_config(resume) if resume else load_config(config, overrides or [])
+        outcome = run_sweep(run, resume=resume is not None)
+    except (ConfigError, DataError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    s = outcome.summary
+    results.print((outcome.sweep_dir / "leaderboard.md").read_text().split("## Metric curves")[0], highlight=False, markup=False)
+    if s["best"] is None:
+        console.print("[bold red]no trial reported the metric[/]; see the failed trials above", highlight=False)
+        raise typer.Exit(1)
+    results.print(f"best adapter: {outcome.sweep_dir / 'best' / 'adapter'}\nleaderboard:  {outcome.sweep_dir / 'leaderboard.md'}\ntensorboard:  tensorboard --logdir {outcome.sweep_dir}", highlight=False)
 
 
 @app.command("eval")

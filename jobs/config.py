@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PACKAGED_MODELS = ("smollm2-135m-instruct",)
+# Task metric names each eval.metrics entry reports (as eval_<name> during training).
+TASK_METRIC_NAMES = {"squad": ("exact_match", "f1"), "rouge": ("rouge1", "rouge2", "rougeL"), "json": ("json_valid", "json_schema_valid")}
+TARGET_SETS = ("attention", "mlp", "attention+mlp", "all-linear")
 PAGED_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit")
 OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit", "adafactor", "sgd", *PAGED_OPTIMIZERS)
 
@@ -113,6 +116,97 @@ class RayConfig(Section):
     name: str | None = Field(None, description="Run name in storage; default: the output folder's name.")
 
 
+class SearchDimension(Section):
+    """One searched key: exactly one of the distributions below."""
+
+    choice: list[Any] | None = Field(None, description="Pick among these values (random/Optuna); a grid axis under search_alg=grid.")
+    grid: list[Any] | None = Field(None, description="Try every value (Tune grid search; multiplies the trials).")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high] sampled uniformly.")
+    loguniform: tuple[float, float] | None = Field(None, description="[low, high] sampled uniformly in log space (low > 0).")
+    randint: tuple[int, int] | None = Field(None, description="[low, high] integers, both ends included.")
+
+    @model_validator(mode="after")
+    def _one_distribution(self) -> SearchDimension:
+        given = [name for name in type(self).model_fields if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of choice, grid, uniform, loguniform, randint (got {', '.join(given) or 'none'})")
+        values = getattr(self, given[0])
+        if given[0] in ("choice", "grid") and not values:
+            raise ValueError(f"{given[0]} is empty; list at least one value")
+        if given[0] in ("uniform", "loguniform", "randint") and values[0] >= values[1]:
+            raise ValueError(f"lower bound {values[0]} is not below upper bound {values[1]}; write [low, high] with low < high, or fix the value outside tune")
+        if given[0] == "loguniform" and values[0] <= 0:
+            raise ValueError(f"loguniform needs a positive lower bound (got {values[0]}); use uniform, or a bound such as 1e-6")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in type(self).model_fields if getattr(self, name) is not None)
+
+    def candidates(self) -> list[Any]:
+        """Values that must each make a valid run config: every choice, or both bounds."""
+        return list(getattr(self, self.kind))
+
+
+class TuneSection(Section):
+    output_dir: str = Field("runs/sweep", description="Sweep folder: leaderboard, curves, TensorBoard logs, trial checkpoints, best/.")
+    metric: str = Field("eval_loss", description="Metric to optimize: eval_loss, or a task metric reported during training (eval_f1, eval_rougeL, ...).")
+    mode: Literal["auto", "min", "max"] = Field("auto", description="Optimize direction; 'auto': min for losses, max otherwise.")
+    num_samples: int = Field(8, gt=0, description="Trials to sample (with search_alg=grid: repeats of the whole grid).")
+    search_alg: Literal["random", "grid", "optuna"] = Field("random", description="random (Tune's sampler), grid (every combination), or optuna (TPE).")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha stops poor trials early at rungs; fifo runs every trial to the end.")
+    grace_period: int | None = Field(None, gt=0, description="ASHA: steps before a trial can be stopped; default training.eval_steps (the first evaluation).")
+    reduction_factor: float = Field(3.0, gt=1, description="ASHA: keep the best 1/factor of trials at each rung.")
+    time_budget_s: float | None = Field(None, gt=0, description="Stop starting/running trials after this many seconds (finished ones stay on the leaderboard).")
+    max_concurrent_trials: int | None = Field(None, gt=0, description="Trials at once; default: what the cluster's resources fit given ray.num_workers x resources_per_worker.")
+    trial_retries: int = Field(1, ge=0, description="Times a failed trial is retried (each retry resumes from its latest checkpoint).")
+    seed: int = Field(42, description="Seed of the search algorithm: the same seed samples the same trials.")
+    learning_rate: tuple[float, float] | None = Field(None, description="Shortcut: training.learning_rate loguniform over [low, high].")
+    lora_r: list[int] | None = Field(None, description="Shortcut: lora.r chosen among these ranks.")
+    lora_alpha_ratio: float | None = Field(2.0, gt=0, description="With lora_r: lora.alpha = ratio x r; null keeps lora.alpha (or search it in space).")
+    target_modules: list[str | list[str]] | None = Field(None, description="Shortcut: lora.target_modules among named sets (attention, mlp, attention+mlp, all-linear) or explicit lists.")
+    space: dict[str, SearchDimension] = Field(default_factory=dict, description="Any other dotted config key -> distribution, e.g. {lora.dropout: {choice: [0.0, 0.1]}}.")
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _learning_rate_range(cls, value):
+        if value is not None:
+            try:
+                SearchDimension(loguniform=value)  # same bound checks as tune.space
+            except ValidationError as exc:
+                raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        return value
+
+    @field_validator("lora_r", "target_modules")
+    @classmethod
+    def _non_empty(cls, value):
+        if value is not None and not value:
+            raise ValueError("empty list; give at least one value, or null to leave it unsearched")
+        return value
+
+    def dimensions(self) -> dict[str, SearchDimension]:
+        """The whole search space, shortcuts included, keyed by dotted config key."""
+        dims = dict(self.space)
+        if self.learning_rate is not None:
+            dims["training.learning_rate"] = SearchDimension(loguniform=self.learning_rate)
+        if self.lora_r is not None:
+            dims["lora.r"] = SearchDimension(choice=self.lora_r)
+        if self.target_modules is not None:
+            dims["lora.target_modules"] = SearchDimension(choice=self.target_modules)
+        return dims
+
+    @staticmethod
+    def label(key: str) -> str:
+        """How the config file names the setting that searches `key`."""
+        shortcuts = {"training.learning_rate": "tune.learning_rate", "lora.r": "tune.lora_r", "lora.target_modules": "tune.target_modules"}
+        return shortcuts.get(key, f"tune.space.{key}")
+
+    def resolved_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "min" if self.metric.endswith("loss") else "max"
+
+
 class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig, description="bitsandbytes quantization of the frozen base.")
@@ -121,10 +215,13 @@ class RunConfig(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Hugging Face Trainer settings.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray Train scaling and storage.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Generation and task metrics for evaluation.")
+    tune: TuneSection = Field(default_factory=TuneSection, description="Ray Tune sweep (lorafleet sweep): search space, metric, scheduler.")
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> RunConfig:
         problems = [p for rule in CROSS_FIELD_RULES if (p := rule(self))]
+        if "tune" in self.model_fields_set:  # a config written for sweeps is checked as one
+            problems += sweep_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -222,6 +319,95 @@ def _rule_metrics_in_training_need_metrics(cfg: RunConfig) -> str | None:
     return None
 
 
+def _rule_tune_metric(cfg: RunConfig) -> str | None:
+    t = cfg.tune
+    reported = ["eval_loss"] + [f"eval_{name}" for m in cfg.eval.metrics for name in TASK_METRIC_NAMES[m]]
+    if t.metric not in reported:
+        return _problem("tune.metric", t.metric, f"not reported during training with these eval settings; use one of {', '.join(reported)} (task metrics need eval.metrics)")
+    if t.metric != "eval_loss" and not cfg.eval.during_training_samples:
+        return _problem("tune.metric", t.metric, "task metrics reach Tune only when generated at each evaluation; set eval.during_training_samples (e.g. 32)")
+    if cfg.data.validation_fraction == 0 and cfg.data.eval_path is None:
+        return _problem("tune.metric", t.metric, "a sweep needs evaluation data; set data.validation_fraction > 0 or data.eval_path")
+    return None
+
+
+def _rule_grid_needs_lists(cfg: RunConfig) -> str | None:
+    if cfg.tune.search_alg != "grid":
+        return None
+    ranged = [key for key, dim in cfg.tune.dimensions().items() if dim.kind not in ("choice", "grid")]
+    if ranged:
+        return _problem("tune.search_alg", "grid", f"grid search needs listed values, but {', '.join(ranged)} are ranges; list values (choice/grid) or use search_alg=random/optuna")
+    return None
+
+
+def _rule_shortcut_duplicates(cfg: RunConfig) -> str | None:
+    t = cfg.tune
+    shortcuts = {"training.learning_rate": t.learning_rate, "lora.r": t.lora_r, "lora.target_modules": t.target_modules}
+    doubled = [key for key, value in shortcuts.items() if value is not None and key in t.space]
+    if doubled:
+        return _problem("tune.space", doubled, "these keys are already searched by a tune shortcut (learning_rate, lora_r, target_modules); keep one of the two")
+    if t.lora_r is not None and t.lora_alpha_ratio is not None and "lora.alpha" in t.space:
+        return _problem("tune.space.lora.alpha", t.space["lora.alpha"].model_dump(exclude_none=True), "alpha is tied to r by tune.lora_alpha_ratio; set lora_alpha_ratio=null to search it")
+    return None
+
+
+def _field_at(key: str) -> Any:
+    """The pydantic field a dotted key names, or None when the key does not exist."""
+    model: type[BaseModel] = RunConfig
+    *parents, leaf = key.split(".")
+    for part in parents:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model.model_fields.get(leaf)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        raw = raw.setdefault(part, {})
+    raw[leaf] = value
+
+
+def _rule_search_space(cfg: RunConfig) -> list[str]:
+    """Every searched key exists, and every candidate value makes a valid config."""
+    problems = []
+    base = cfg.model_dump(mode="json", exclude={"tune"})
+    for key, dim in cfg.tune.dimensions().items():
+        field, label = _field_at(key), cfg.tune.label(key)
+        if key.startswith("tune.") or field is None:
+            close = difflib.get_close_matches(key, _all_keys(), n=1)
+            problems.append(_problem(label, dim.model_dump(exclude_none=True), f"unknown config key; {f'did you mean {close[0]!r}?' if close else 'use a dotted key such as training.learning_rate'}"))
+            continue
+        if field.annotation is int and dim.kind in ("uniform", "loguniform"):
+            problems.append(_problem(label, dim.model_dump(exclude_none=True), "an integer setting; use randint or choice"))
+            continue
+        if key == "lora.target_modules":
+            problems += [_problem("tune.target_modules", v, f"unknown target set; use one of {', '.join(TARGET_SETS)}, or a list of module names") for v in dim.candidates() if isinstance(v, str) and v not in TARGET_SETS]
+            continue
+        for value in dim.candidates():
+            trial = yaml.safe_load(yaml.safe_dump(base))
+            _set_dotted(trial, key, value)
+            try:
+                RunConfig.model_validate(trial)
+            except ValidationError as exc:
+                reason = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+                problems.append(_problem(label, value, f"this value makes an invalid run config ({reason}); change the search space"))
+    return problems
+
+
+def _all_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
+    model = model or RunConfig
+    keys = []
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys += _all_keys(field.annotation, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
 CROSS_FIELD_RULES = (
     _rule_zero3_with_kbit,
     _rule_deepspeed_usable,
@@ -235,6 +421,12 @@ CROSS_FIELD_RULES = (
     _rule_json_schema,
     _rule_metrics_in_training_need_metrics,
 )
+
+
+def sweep_problems(cfg: RunConfig) -> list[str]:
+    """The tune section's rules; `lorafleet sweep` applies them even when the section is all defaults."""
+    problems = [p for rule in (_rule_tune_metric, _rule_grid_needs_lists, _rule_shortcut_duplicates) if (p := rule(cfg))]
+    return problems + _rule_search_space(cfg)
 
 
 class ConfigError(ValueError):

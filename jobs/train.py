@@ -74,6 +74,15 @@ class TaskMetricsCallback(TrainerCallback):
         metrics.update(extra)
 
 
+class FinalEvaluationCallback(TrainerCallback):
+    """Evaluates at the last step too when it falls between eval_steps, so the final checkpoint
+    (always saved) is reported with metrics of its own, not those of an earlier evaluation."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.eval_strategy == "steps" and state.global_step >= state.max_steps and state.global_step % args.eval_steps:
+            control.should_evaluate = True
+
+
 class FaultInjectionCallback(TrainerCallback):
     """Test hook, off by default: `LORAFLEET_FAIL_AT=RANK:STEP` kills that rank at that step.
 
@@ -162,6 +171,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         callbacks=[
             RunInfoCallback(parameter_counts(model), resumed=resumed),
             TaskMetricsCallback(run, data.eval_examples[: run.eval.during_training_samples], tokenizer, config["kind"], config["use_chat"]),
+            FinalEvaluationCallback(),
             FaultInjectionCallback(resumed=resumed),
             RayTrainReportCallback(),
         ],
@@ -178,17 +188,29 @@ def _storage_path(run: RunConfig) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def _ray_run_config(run: RunConfig, has_eval: bool) -> ray.train.RunConfig:
-    name = f"{run.ray.name or Path(run.training.output_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+@dataclass
+class RunPlacement:
+    """Where a Ray Train run lives and who listens to it. A plain training job gets a fresh
+    timestamped name; a sweep trial passes its trial id, so a restarted trial resumes its run."""
+
+    name: str | None = None
+    storage_path: str | None = None
+    callbacks: tuple = ()
+    score: tuple[str, str] = ("eval_loss", "min")
+
+
+def _ray_run_config(run: RunConfig, has_eval: bool, placement: RunPlacement) -> ray.train.RunConfig:
+    name = placement.name or f"{run.ray.name or Path(run.training.output_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return ray.train.RunConfig(
         name=name,
-        storage_path=_storage_path(run),
+        storage_path=placement.storage_path or _storage_path(run),
         failure_config=ray.train.FailureConfig(max_failures=run.ray.max_failures),
         worker_runtime_env={"env_vars": _passed_env()},
+        callbacks=list(placement.callbacks),
         checkpoint_config=ray.train.CheckpointConfig(
             num_to_keep=run.training.keep_checkpoints,
-            checkpoint_score_attribute="eval_loss" if has_eval else None,
-            checkpoint_score_order="min",
+            checkpoint_score_attribute=placement.score[0] if has_eval else None,
+            checkpoint_score_order=placement.score[1],
         ),
     )
 
@@ -199,7 +221,7 @@ def _passed_env() -> dict[str, str]:
     return {name: os.environ[name] for name in names if name in os.environ}
 
 
-def fit(run: RunConfig, data: PreparedData, kind: str, use_chat: bool) -> ray.train.Result:
+def fit(run: RunConfig, data: PreparedData, kind: str, use_chat: bool, placement: RunPlacement | None = None) -> ray.train.Result:
     if not ray.is_initialized():
         # No address and no RAY_ADDRESS: an embedded Ray sized to this machine.
         ray.init(address=run.ray.address)
@@ -207,7 +229,7 @@ def fit(run: RunConfig, data: PreparedData, kind: str, use_chat: bool) -> ray.tr
         train_loop_per_worker,
         train_loop_config={"run": run.model_dump(mode="json"), "data": ray.put(data), "kind": kind, "use_chat": use_chat},
         scaling_config=ray.train.ScalingConfig(num_workers=run.ray.num_workers, use_gpu=run.ray.use_gpu, resources_per_worker=run.ray.resources_per_worker),
-        run_config=_ray_run_config(run, data.eval is not None),
+        run_config=_ray_run_config(run, data.eval is not None, placement or RunPlacement()),
     )
     return trainer.fit()
 
@@ -229,21 +251,26 @@ def _replace_dir(staging: Path, target: Path) -> None:
         staging.rename(target)
 
 
+def install_adapter(hf_checkpoint: Path, adapter_dir: Path) -> None:
+    """Copy the adapter and tokenizer files of an HF checkpoint folder to `adapter_dir`, atomically."""
+    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix=f".{adapter_dir.name}-"))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; the adapter is read by Serve and other users
+    for item in hf_checkpoint.iterdir():
+        if item.name in ADAPTER_FILES or item.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges", "spiece")):
+            shutil.copy2(item, staging / item.name)
+    _replace_dir(staging, adapter_dir)
+
+
 def export(result: ray.train.Result, run: RunConfig, output_dir: Path, has_eval: bool) -> tuple[Path, dict[str, Any]]:
     """Adapter + tokenizer from the chosen checkpoint, and the full log history of the run."""
     chosen = _chosen_checkpoint(result, has_eval)
     adapter_dir = output_dir / "adapter"
-    staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".adapter-"))
-    staging.chmod(0o755)  # mkdtemp makes it owner-only; the adapter is read by Serve and other users
     with chosen.as_directory() as path:
-        source = Path(path) / HF_CHECKPOINT
-        for item in source.iterdir():
-            if item.name in ADAPTER_FILES or item.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges", "spiece")):
-                shutil.copy2(item, staging / item.name)
-        chosen_state = json.loads((source / "trainer_state.json").read_text())
+        install_adapter(Path(path) / HF_CHECKPOINT, adapter_dir)
+        chosen_state = json.loads((Path(path) / HF_CHECKPOINT / "trainer_state.json").read_text())
     with result.checkpoint.as_directory() as path:
         final_state = json.loads((Path(path) / HF_CHECKPOINT / "trainer_state.json").read_text())
-    _replace_dir(staging, adapter_dir)
     info = {"chosen_step": chosen_state["global_step"], "final_step": final_state["global_step"], "checkpoint": chosen.path, "log_history": final_state["log_history"]}
     return adapter_dir, info
 

@@ -1,1 +1,1 @@
-"""Ray Tune sweeps over the training job (see issue 4)."""
+"""Ray Tune sweeps over the training job: `lorafleet sweep` / `python -m tune`."""

@@ -1,0 +1,29 @@
+"""One sweep trial: a full Ray Train run of the training job (Ray 2.6x's Train-inside-Tune pattern).
+
+The Tune trial is only the driver of its `TorchTrainer`; the workers (one or many, CPU or GPU)
+are scheduled by Ray Train, and every report reaches Tune through `TuneReportCallback`. The
+Train run is named after the trial, so a retried or resumed trial continues from its latest
+checkpoint instead of starting over.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from jobs.data import prepare
+from jobs.model import load_tokenizer, model_kind, uses_chat_template
+from jobs.train import RunPlacement, fit
+from tune.space import trial_config
+
+
+def run_trial(params: dict[str, Any], *, base: dict[str, Any], targets: dict[str, Any], alpha_ratio: float | None, storage: str, score: tuple[str, str]) -> None:
+    run = trial_config(base, params, targets, alpha_ratio)
+    tokenizer = load_tokenizer(run.model)
+    kind = model_kind(run.model)
+    use_chat = uses_chat_template(run.model, tokenizer)
+    data = prepare(run.data, tokenizer, kind, use_chat)
+    placement = RunPlacement(name=ray.tune.get_context().get_trial_id(), storage_path=storage, callbacks=(TuneReportCallback(),), score=score)
+    fit(run, data, kind, use_chat, placement)
