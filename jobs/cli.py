@@ -58,7 +58,8 @@ def sweep(
     resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted sweep in this folder (its tune.output_dir).")] = None,
 ) -> None:
     """Sweep hyperparameters with Ray Tune (each trial a Ray Train run); writes leaderboard and best/adapter."""
-    from tune.sweep import resume_config, sweep as run_sweep
+    from tune.sweep import resume_config
+    from tune.sweep import sweep as run_sweep
 
     _setup_logging()
     try:

@@ -152,7 +152,7 @@ class TuneSection(Section):
     output_dir: str = Field("runs/sweep", description="Sweep folder: leaderboard, curves, TensorBoard logs, trial checkpoints, best/.")
     metric: str = Field("eval_loss", description="Metric to optimize: eval_loss, or a task metric reported during training (eval_f1, eval_rougeL, ...).")
     mode: Literal["auto", "min", "max"] = Field("auto", description="Optimize direction; 'auto': min for losses, max otherwise.")
-    num_samples: int = Field(8, gt=0, description="Trials to sample (with search_alg=grid: repeats of the whole grid).")
+    num_samples: int = Field(8, gt=0, description="Trials to sample; with search_alg=grid, passes over the whole grid (1 unless set).")
     search_alg: Literal["random", "grid", "optuna"] = Field("random", description="random (Tune's sampler), grid (every combination), or optuna (TPE).")
     scheduler: Literal["asha", "fifo"] = Field("asha", description="asha stops poor trials early at rungs; fifo runs every trial to the end.")
     grace_period: int | None = Field(None, gt=0, description="ASHA: steps before a trial can be stopped; default training.eval_steps (the first evaluation).")
@@ -200,6 +200,10 @@ class TuneSection(Section):
         """How the config file names the setting that searches `key`."""
         shortcuts = {"training.learning_rate": "tune.learning_rate", "lora.r": "tune.lora_r", "lora.target_modules": "tune.target_modules"}
         return shortcuts.get(key, f"tune.space.{key}")
+
+    def trials_to_sample(self) -> int:
+        """Tune's num_samples: under grid search it repeats the grid, so it defaults to one pass."""
+        return self.num_samples if self.search_alg != "grid" or "num_samples" in self.model_fields_set else 1
 
     def resolved_mode(self) -> str:
         if self.mode != "auto":
@@ -507,6 +511,24 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not isinstance(raw, dict):
             raise ConfigError([_problem("--config", type(raw).__name__, "the file must be a YAML mapping of sections (model:, lora:, ...)")], source)
     return validate(apply_overrides(raw, list(overrides)), source)
+
+
+PATH_FIELDS = ("model.name", "data.path", "data.eval_path", "eval.json_schema", "training.deepspeed", "training.output_dir", "ray.storage_path", "tune.output_dir")
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """The same config with relative local paths made absolute, for processes whose working
+    directory is not the user's (Tune trials, Serve replicas). Hub ids and URIs stay as they are;
+    what was left at its default stays unset (so defaults that depend on it still apply)."""
+    raw = cfg.model_dump(mode="json", exclude_unset=True)
+    for key in PATH_FIELDS:
+        section, leaf = key.split(".")
+        if section == "tune" and "tune" not in cfg.model_fields_set:
+            continue
+        value = getattr(getattr(cfg, section), leaf)
+        if isinstance(value, str) and "://" not in value and value != "demo" and (Path(value).exists() or leaf in ("output_dir", "storage_path")):
+            raw.setdefault(section, {})[leaf] = str(Path(value).resolve())
+    return RunConfig.model_validate(raw)
 
 
 def dump_config(cfg: RunConfig) -> str:

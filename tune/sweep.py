@@ -23,7 +23,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-from jobs.config import ConfigError, RunConfig, dump_config, load_config, sweep_problems
+from jobs.config import ConfigError, RunConfig, dump_config, load_config, sweep_problems, with_absolute_paths
 from jobs.data import prepare
 from jobs.model import load_tokenizer, model_kind, uses_chat_template
 from tune import leaderboard
@@ -59,6 +59,7 @@ def plan(run: RunConfig) -> SweepPlan:
     problems = sweep_problems(run)
     if problems:
         raise ConfigError(problems, "tune")
+    run = with_absolute_paths(run)  # trials run in Ray's session folder, not here
     targets = resolve_target_sets(run)
     tokenizer = load_tokenizer(run.model)
     kind = model_kind(run.model)
@@ -115,7 +116,7 @@ def _tuner(p: SweepPlan, sweep_dir: Path, resume: bool) -> tune.Tuner:
         tune_config=tune.TuneConfig(
             metric=t.metric,
             mode=t.resolved_mode(),
-            num_samples=t.num_samples,
+            num_samples=t.trials_to_sample(),
             search_alg=_search_alg(p.run, max_concurrent_trials(p.run)),
             scheduler=_scheduler(p),
             time_budget_s=t.time_budget_s,
