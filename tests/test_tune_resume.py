@@ -26,6 +26,18 @@ def _results(trial_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _terminated(trials: Path) -> set[str]:
+    """Trials that Tune's saved experiment state records as finished."""
+    done = set()
+    for state in trials.glob("experiment_state-*.json"):
+        try:
+            data = json.loads(state.read_text())
+        except json.JSONDecodeError:  # caught mid-write
+            continue
+        done |= {info["trial_id"] for info in (json.loads(entry[0]) for entry in data["trial_data"]) if info.get("status") == "TERMINATED"}
+    return done
+
+
 def test_interrupted_sweep_resumes_without_redoing_finished_trials(tiny_causal, tmp_path):
     raw = _sweep_config(tiny_causal, tmp_path, "resumable", search_alg="grid", scheduler="fifo", space={"training.learning_rate": {"grid": [5e-3, 2e-3, 1e-3]}})
     config = tmp_path / "sweep.yaml"
@@ -34,13 +46,13 @@ def test_interrupted_sweep_resumes_without_redoing_finished_trials(tiny_causal, 
     driver = subprocess.Popen([sys.executable, "-m", "tune", "--config", str(config)], cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trials = tmp_path / "resumable" / "trials"
     deadline = time.time() + 400
-    while time.time() < deadline and not any(r.get("done") for d in trials.glob("run_trial_*") for r in _results(d)):
+    while time.time() < deadline and not _terminated(trials):
         time.sleep(1)
-    time.sleep(3)  # let Tune write its experiment state after the first trial finished
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and its embedded Ray die at once
     driver.wait()
-    finished = {d.name: len(_results(d)) for d in trials.glob("run_trial_*") if any(r.get("done") for r in _results(d))}
+    finished = {d.name: len(_results(d)) for d in trials.glob("run_trial_*") if any(t in d.name for t in _terminated(trials))}
     assert finished, "a trial finished before the driver was killed"
+    assert len(finished) < 3, "the kill interrupted the sweep"
     assert not (tmp_path / "resumable" / "leaderboard.csv").exists()
 
     resumed = subprocess.run([sys.executable, "-m", "tune", "--resume", str(tmp_path / "resumable")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -64,7 +64,7 @@ def collect(experiment_dir: Path, run: RunConfig, base: dict[str, Any], targets:
             planned_steps=planned_steps(trial_config(base, trial.config, targets, run.tune.lora_alpha_ratio), n_train),
             steps_run=int(max((r["step"] for r in reports), default=0)),
             wall_s=round(float(reports[-1]["time_total_s"]), 1) if reports else 0.0,
-            attempts=1 + trial.num_failures,
+            attempts=trial.num_failures if trial.status == "ERROR" else 1 + trial.num_failures,
             error=_last_error_line(trial) if trial.status == "ERROR" else "",
             curve=[(int(r["step"]), float(r[metric])) for r in scored],
             curve_loss=[(int(r["step"]), float(r["eval_loss"])) for r in reports if r.get("eval_loss") == r.get("eval_loss")],

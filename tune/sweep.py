@@ -153,7 +153,7 @@ def sweep(run: RunConfig, resume: bool = False) -> SweepOutcome:
     started = time.time()
     sweep_dir = Path(run.tune.output_dir).resolve()
     p = plan(run)
-    _prepare_dir(run, sweep_dir, resume)
+    _prepare_dir(p.run, sweep_dir, resume)  # sweep.yaml with absolute paths: --resume works from any folder
     if not ray.is_initialized():
         ray.init(address=run.ray.address)  # no address and no RAY_ADDRESS: an embedded local Ray
     tuner = _tuner(p, sweep_dir, resume)
