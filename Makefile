@@ -35,6 +35,7 @@ test-fast: setup  ## unit tier only: no Ray, no real model
 
 bench: model
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/sweep_efficiency.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -64,7 +64,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lorafleet-sweep-bench-") as tmp:
         workdir = Path(tmp)
         model = tiny_models.build("causal", workdir / "tiny-llama")
-        ray.init(include_dashboard=False)
+        ray.init()
         results = {scheduler: run_sweep(model, workdir, scheduler, args) for scheduler in ("fifo", "asha")}
         ray.shutdown()
 
