@@ -1,12 +1,16 @@
 """Sweep config and search space (unit tier: no Ray run, tiny models)."""
 
+from types import SimpleNamespace
+
 import pytest
 import yaml
 from ray import tune
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerControl, TrainerState
 
 from jobs.config import ConfigError, load_config, with_absolute_paths
+from jobs.train import FinalEvaluationCallback
 from tune.space import linear_layers, max_trial_steps, param_space, resolve_target_sets, trial_config
+from tune.sweep import _search_alg
 
 
 def _problems(overrides):
@@ -110,3 +114,26 @@ def test_shipped_sweep_config_is_a_valid_sweep():
     run = load_config("configs/squad-smollm2.yaml")
     assert yaml.safe_load(open("configs/squad-smollm2.yaml"))["tune"]["metric"] == "eval_f1"
     assert set(run.tune.dimensions()) == {"training.learning_rate", "lora.r", "lora.target_modules"}
+
+
+def test_optuna_samples_the_space_with_the_configured_seed():
+    run = load_config(None, ["tune.search_alg=optuna", "tune.seed=3", "tune.learning_rate=[1e-5, 1e-3]", "tune.lora_r=[4, 8]", "tune.target_modules=[attention, [q_proj, v_proj]]"])
+
+    def suggestions():
+        searcher = _search_alg(run, concurrent=2)
+        assert searcher.set_search_properties("eval_loss", "min", param_space(run))
+        return [searcher.suggest(f"t{i}") for i in range(2)]
+
+    first = suggestions()
+    assert first == suggestions(), "same seed, same trials"
+    for params in first:
+        assert 1e-5 <= params["training.learning_rate"] <= 1e-3 and params["lora.r"] in (4, 8)
+        assert params["lora.target_modules"] in ("attention", "q_proj,v_proj")
+
+
+def test_final_step_between_evaluations_is_evaluated():
+    args = SimpleNamespace(eval_strategy="steps", eval_steps=4)
+    for step, expected in ((10, True), (8, False), (6, False)):
+        control = TrainerControl()
+        FinalEvaluationCallback().on_step_end(args, TrainerState(global_step=step, max_steps=10 if step != 8 else 8), control)
+        assert control.should_evaluate is expected, step
