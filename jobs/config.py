@@ -7,6 +7,7 @@ at once (field, value, fix) before anything touches Ray.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib.util
 from pathlib import Path
@@ -19,6 +20,8 @@ PACKAGED_MODELS = ("smollm2-135m-instruct",)
 # Task metric names each eval.metrics entry reports (as eval_<name> during training).
 TASK_METRIC_NAMES = {"squad": ("exact_match", "f1"), "rouge": ("rouge1", "rouge2", "rougeL"), "json": ("json_valid", "json_schema_valid")}
 TARGET_SETS = ("attention", "mlp", "attention+mlp", "all-linear")
+# Config key -> the tune: field that searches it without a `space:` entry.
+TUNE_SHORTCUTS = {"training.learning_rate": "learning_rate", "lora.r": "lora_r", "lora.target_modules": "target_modules"}
 PAGED_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit")
 OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit", "adafactor", "sgd", *PAGED_OPTIMIZERS)
 
@@ -198,8 +201,7 @@ class TuneSection(Section):
     @staticmethod
     def label(key: str) -> str:
         """How the config file names the setting that searches `key`."""
-        shortcuts = {"training.learning_rate": "tune.learning_rate", "lora.r": "tune.lora_r", "lora.target_modules": "tune.target_modules"}
-        return shortcuts.get(key, f"tune.space.{key}")
+        return f"tune.{TUNE_SHORTCUTS[key]}" if key in TUNE_SHORTCUTS else f"tune.space.{key}"
 
     def trials_to_sample(self) -> int:
         """Tune's num_samples: under grid search it repeats the grid, so it defaults to one pass."""
@@ -346,8 +348,7 @@ def _rule_grid_needs_lists(cfg: RunConfig) -> str | None:
 
 def _rule_shortcut_duplicates(cfg: RunConfig) -> str | None:
     t = cfg.tune
-    shortcuts = {"training.learning_rate": t.learning_rate, "lora.r": t.lora_r, "lora.target_modules": t.target_modules}
-    doubled = [key for key, value in shortcuts.items() if value is not None and key in t.space]
+    doubled = [key for key, shortcut in TUNE_SHORTCUTS.items() if getattr(t, shortcut) is not None and key in t.space]
     if doubled:
         return _problem("tune.space", doubled, "these keys are already searched by a tune shortcut (learning_rate, lora_r, target_modules); keep one of the two")
     if t.lora_r is not None and t.lora_alpha_ratio is not None and "lora.alpha" in t.space:
@@ -355,19 +356,25 @@ def _rule_shortcut_duplicates(cfg: RunConfig) -> str | None:
     return None
 
 
-def _field_at(key: str) -> Any:
-    """The pydantic field a dotted key names, or None when the key does not exist."""
+def _section_model(parents: list[str] | tuple) -> type[BaseModel] | None:
+    """The config section that the dotted path `parents` leads to, or None when it leads nowhere."""
     model: type[BaseModel] = RunConfig
-    *parents, leaf = key.split(".")
     for part in parents:
-        field = model.model_fields.get(part)
+        field = model.model_fields.get(str(part))
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
             return None
         model = field.annotation
-    return model.model_fields.get(leaf)
+    return model
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def _field_at(key: str) -> Any:
+    """The pydantic field a dotted key names, or None when the key does not exist."""
+    *parents, leaf = key.split(".")
+    section = _section_model(parents)
+    return section.model_fields.get(leaf) if section else None
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     for part in parents:
         raw = raw.setdefault(part, {})
@@ -391,8 +398,8 @@ def _rule_search_space(cfg: RunConfig) -> list[str]:
             problems += [_problem("tune.target_modules", v, f"unknown target set; use one of {', '.join(TARGET_SETS)}, or a list of module names") for v in dim.candidates() if isinstance(v, str) and v not in TARGET_SETS]
             continue
         for value in dim.candidates():
-            trial = yaml.safe_load(yaml.safe_dump(base))
-            _set_dotted(trial, key, value)
+            trial = copy.deepcopy(base)
+            set_dotted(trial, key, value)
             try:
                 RunConfig.model_validate(trial)
             except ValidationError as exc:
@@ -465,20 +472,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    for part in loc[:-1]:
-        annotation = model.model_fields.get(str(part))
-        if annotation is None or not isinstance(annotation.annotation, type) or not issubclass(annotation.annotation, BaseModel):
-            return []
-        model = annotation.annotation
-    return list(model.model_fields)
+def _known_keys(loc: tuple) -> list[str]:
+    section = _section_model(loc[:-1])
+    return list(section.model_fields) if section else []
 
 
 def _describe(error: dict[str, Any]) -> list[str]:
     field = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
         leaf = str(error["loc"][-1])
-        known = _known_keys(RunConfig, error["loc"])
+        known = _known_keys(error["loc"])
         close = difflib.get_close_matches(leaf, known, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"known keys here: {', '.join(known)}"
         return [_problem(field, error["input"], f"unknown key; {hint}")]

@@ -51,7 +51,8 @@ def _last_error_line(trial) -> str:
 def collect(experiment_dir: Path, run: RunConfig, base: dict[str, Any], targets: dict[str, Any], n_train: int) -> list[TrialRow]:
     """One row per trial, best first (failed and never-reporting trials last)."""
     analysis = ExperimentAnalysis(str(experiment_dir))
-    metric, mode = run.tune.metric, run.tune.resolved_mode()
+    metric = run.tune.metric
+    sign = 1 if run.tune.resolved_mode() == "min" else -1  # sort keys: smaller is better
     rows = []
     for trial in analysis.trials:
         frame = analysis.trial_dataframes.get(trial.trial_id)
@@ -72,12 +73,10 @@ def collect(experiment_dir: Path, run: RunConfig, base: dict[str, Any], targets:
         if row.status == "completed" and row.steps_run < row.planned_steps:
             row.status = "stopped early"
         if scored:
-            pick = min if mode == "min" else max
-            best = pick(scored, key=lambda r: (r[metric], r["step"]) if mode == "min" else (r[metric], -r["step"]))
+            best = min(scored, key=lambda r: (sign * r[metric], r["step"]))  # earliest step on ties
             row.best, row.best_step, row.checkpoint = float(best[metric]), int(best["step"]), best.get(CHECKPOINT_PATH_KEY)
             row.best_metrics = {k: v for k, v in best.items() if k.startswith("eval_") or k in ("step", "epoch", "loss")}
         rows.append(row)
-    sign = 1 if mode == "min" else -1
     return sorted(rows, key=lambda r: (r.best is None, sign * (r.best or 0.0)))
 
 

@@ -17,7 +17,7 @@ from ray import tune
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from transformers.pytorch_utils import Conv1D
 
-from jobs.config import ConfigError, RunConfig, SearchDimension
+from jobs.config import ConfigError, RunConfig, SearchDimension, set_dotted
 from jobs.model import model_kind, model_path
 
 # Settings that change how many optimizer steps a trial runs.
@@ -93,11 +93,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], targets: dict[str
     """The run config of one trial: the sweep's base config with the sampled values set."""
     raw = copy.deepcopy(base)
     for key, value in params.items():
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = targets[value] if key == "lora.target_modules" else value
+        set_dotted(raw, key, targets[value] if key == "lora.target_modules" else value)
     if "lora.r" in params and alpha_ratio is not None:
         raw["lora"]["alpha"] = max(1, round(alpha_ratio * params["lora.r"]))
     return RunConfig.model_validate(raw)

@@ -12,7 +12,6 @@ the leaderboard, the curves and the best adapter under `tune.output_dir`.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,6 @@ from tune import leaderboard
 from tune.space import max_trial_steps, param_space, resolve_target_sets
 from tune.trial import run_trial
 
-log = logging.getLogger("lorafleet.sweep")
 SWEEP_CONFIG = "sweep.yaml"
 EXPERIMENT = "trials"  # Tune's experiment folder (trial logs, TensorBoard events, state for --resume)
 TRAIN_RUNS = "checkpoints"  # each trial's Ray Train run and its checkpoints
