@@ -109,6 +109,39 @@ def evaluate(
     results.print(f"report: {output_dir / 'eval.md'}" + (f"\npredictions: {predictions}" if predictions else ""), highlight=False)
 
 
+@app.command("serve")
+def serve_cmd(
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    build: Annotated[bool, typer.Option("--build", help="Print a Serve config file for `serve deploy` instead of deploying.")] = False,
+) -> None:
+    """Serve the base model and its adapters with Ray Serve: OpenAI-compatible HTTP API with batching and autoscaling."""
+    from serve import app as serve_app
+
+    _setup_logging()
+    try:
+        run = load_config(config, overrides or [])
+        if build:
+            serve_app.check(run)
+            results.print(serve_app.serve_config(run), highlight=False, markup=False, end="")
+            return
+        url = serve_app.deploy(run)
+    except (ConfigError, FileNotFoundError, OSError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    from serve import adapters
+    from serve.api import base_model_name
+
+    results.print(f"[bold green]serving[/] {url}  models: {', '.join([base_model_name(run), *adapters.names(run.serve)])}", highlight=False)
+    results.print(f"try: curl {url}/models" + (" -H 'Authorization: Bearer $KEY'" if run.serve.api_key or os.environ.get(run.serve.api_key_env) else ""), highlight=False)
+    if serve_app.embedded(run):
+        console.print("embedded Ray: the app stops with this process (Ctrl-C)", highlight=False)
+        try:
+            serve_app.wait_forever()
+        except KeyboardInterrupt:
+            pass
+
+
 def run_stage(stage: str) -> None:
     """`python -m jobs.<stage> ...` (the `ray job submit` entrypoint) runs the same command."""
     app([stage, *sys.argv[1:]])

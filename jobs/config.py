@@ -10,11 +10,12 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 PACKAGED_MODELS = ("smollm2-135m-instruct",)
 # Task metric names each eval.metrics entry reports (as eval_<name> during training).
@@ -24,6 +25,8 @@ TARGET_SETS = ("attention", "mlp", "attention+mlp", "all-linear")
 TUNE_SHORTCUTS = {"training.learning_rate": "learning_rate", "lora.r": "lora_r", "lora.target_modules": "target_modules"}
 PAGED_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit")
 OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit", "adafactor", "sgd", *PAGED_OPTIMIZERS)
+# A served adapter name: one path component, so a name can never reach outside the adapter root.
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class Section(BaseModel):
@@ -213,6 +216,35 @@ class TuneSection(Section):
         return "min" if self.metric.endswith("loss") else "max"
 
 
+class ServeSection(Section):
+    name: str = Field("lorafleet", description="Serve application name (also its name in `serve status`).")
+    host: str = Field("127.0.0.1", description="HTTP host of Serve's proxy; 0.0.0.0 to listen on every interface.")
+    port: int = Field(8000, gt=0, lt=65536, description="HTTP port of Serve's proxy.")
+    route_prefix: str = Field("/", description="URL prefix of the API (routes are <prefix>v1/...).")
+    model_name: str | None = Field(None, description="Name clients use for the base model without adapter; default: the model folder's or hub id's last part.")
+    adapters: dict[str, str] = Field(default_factory=dict, description="Named adapters: {name: PEFT folder}, e.g. {squad: runs/squad-sweep/best/adapter}.")
+    adapter_root: str | None = Field(None, description="Registry folder, one subfolder per adapter; a folder added there is servable without redeploying.")
+    max_adapters_per_replica: int = Field(8, gt=0, description="Adapters kept loaded per replica (least recently used is unloaded).")
+    quantization: Literal["as_trained", "none", "4bit", "8bit"] = Field("as_trained", description="Base model precision in replicas; 'as_trained' uses quantization.mode.")
+    max_batch_size: int = Field(16, gt=0, description="Requests generated together in one forward pass (1 turns batching off).")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits to fill before it runs.")
+    default_max_tokens: int = Field(128, gt=0, description="max_tokens of a request that sets none.")
+    max_tokens_limit: int = Field(1024, gt=0, description="Largest max_tokens a request may ask for (larger is a 400 that says so).")
+    max_concurrent_requests: int = Field(64, gt=0, description="Requests in flight per API replica before overload applies.")
+    overload: Literal["reject", "queue"] = Field("reject", description="Past max_concurrent_requests: answer 429 at once, or queue until a slot frees.")
+    api_key: SecretStr | None = Field(None, description="Bearer token required on every route but /healthz (prefer api_key_env: files get shared).")
+    api_key_env: str = Field("LORAFLEET_API_KEY", description="Environment variable holding the bearer token; used when api_key is unset.")
+    min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest model replicas.")
+    max_replicas: int = Field(1, gt=0, description="Autoscaling: most model replicas.")
+    initial_replicas: int | None = Field(None, ge=0, description="Autoscaling: replicas at deploy time; default min_replicas.")
+    target_ongoing_requests: float = Field(8, gt=0, description="Autoscaling: ongoing requests per replica that Serve aims for.")
+    upscale_delay_s: float = Field(5, ge=0, description="Autoscaling: load must stay high this long before adding replicas.")
+    downscale_delay_s: float = Field(30, ge=0, description="Autoscaling: load must stay low this long before removing replicas.")
+    max_ongoing_requests: int = Field(64, gt=0, description="Requests one model replica accepts at once (at least max_batch_size, or batches never fill).")
+    replica_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 1}, description="Ray resources per model replica, e.g. {CPU: 4, GPU: 1}.")
+    api_replicas: int = Field(1, gt=0, description="Replicas of the HTTP front (validation, auth, streaming); it holds no model.")
+
+
 class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig, description="bitsandbytes quantization of the frozen base.")
@@ -222,6 +254,7 @@ class RunConfig(Section):
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray Train scaling and storage.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Generation and task metrics for evaluation.")
     tune: TuneSection = Field(default_factory=TuneSection, description="Ray Tune sweep (lorafleet sweep): search space, metric, scheduler.")
+    serve: ServeSection = Field(default_factory=ServeSection, description="Ray Serve deployment (lorafleet serve): adapters, batching, autoscaling, API limits.")
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> RunConfig:
@@ -356,6 +389,39 @@ def _rule_shortcut_duplicates(cfg: RunConfig) -> str | None:
     return None
 
 
+def _rule_serve_adapters(cfg: RunConfig) -> str | None:
+    bad = [name for name in cfg.serve.adapters if not ADAPTER_NAME.match(name)]
+    if bad:
+        return _problem("serve.adapters", bad, "adapter names are 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit; rename them")
+    clash = [name for name in cfg.serve.adapters if name == cfg.serve.model_name]
+    if clash:
+        return _problem("serve.adapters", clash, "an adapter cannot share serve.model_name (the base model's name); rename one")
+    return None
+
+
+def _rule_serve_replicas(cfg: RunConfig) -> str | None:
+    s = cfg.serve
+    if s.min_replicas > s.max_replicas:
+        return _problem("serve.min_replicas", s.min_replicas, f"above serve.max_replicas ({s.max_replicas}); lower it or raise max_replicas")
+    if s.initial_replicas is not None and not s.min_replicas <= s.initial_replicas <= s.max_replicas:
+        return _problem("serve.initial_replicas", s.initial_replicas, f"must lie within min_replicas..max_replicas ({s.min_replicas}..{s.max_replicas})")
+    return None
+
+
+def _rule_serve_token_limits(cfg: RunConfig) -> str | None:
+    s = cfg.serve
+    if s.default_max_tokens > s.max_tokens_limit:
+        return _problem("serve.default_max_tokens", s.default_max_tokens, f"above serve.max_tokens_limit ({s.max_tokens_limit}); lower it or raise the limit")
+    return None
+
+
+def _rule_serve_batches_can_fill(cfg: RunConfig) -> str | None:
+    s = cfg.serve
+    if s.max_ongoing_requests < s.max_batch_size:
+        return _problem("serve.max_ongoing_requests", s.max_ongoing_requests, f"below serve.max_batch_size ({s.max_batch_size}), so batches could never fill; raise it to at least {s.max_batch_size}")
+    return None
+
+
 def _section_model(parents: list[str] | tuple) -> type[BaseModel] | None:
     """The config section that the dotted path `parents` leads to, or None when it leads nowhere."""
     model: type[BaseModel] = RunConfig
@@ -420,6 +486,10 @@ def _all_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
 
 
 CROSS_FIELD_RULES = (
+    _rule_serve_adapters,
+    _rule_serve_replicas,
+    _rule_serve_token_limits,
+    _rule_serve_batches_can_fill,
     _rule_zero3_with_kbit,
     _rule_deepspeed_usable,
     _rule_device_map,
@@ -516,7 +586,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return validate(apply_overrides(raw, list(overrides)), source)
 
 
-PATH_FIELDS = ("model.name", "data.path", "data.eval_path", "eval.json_schema", "training.deepspeed", "training.output_dir", "ray.storage_path", "tune.output_dir")
+PATH_FIELDS = ("model.name", "data.path", "data.eval_path", "eval.json_schema", "training.deepspeed", "training.output_dir", "ray.storage_path", "tune.output_dir", "serve.adapter_root")
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -524,6 +594,8 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     directory is not the user's (Tune trials, Serve replicas). Hub ids and URIs stay as they are;
     what was left at its default stays unset (so defaults that depend on it still apply)."""
     raw = cfg.model_dump(mode="json", exclude_unset=True)
+    if cfg.serve.api_key is not None:  # a JSON dump masks secrets; this copy must keep working
+        raw["serve"]["api_key"] = cfg.serve.api_key.get_secret_value()
     for key in PATH_FIELDS:
         section, leaf = key.split(".")
         if section == "tune" and "tune" not in cfg.model_fields_set:
@@ -531,8 +603,11 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
         value = getattr(getattr(cfg, section), leaf)
         if isinstance(value, str) and "://" not in value and value != "demo" and (Path(value).exists() or leaf in ("output_dir", "storage_path")):
             raw.setdefault(section, {})[leaf] = str(Path(value).resolve())
+    if cfg.serve.adapters:
+        raw["serve"]["adapters"] = {name: str(Path(path).resolve()) for name, path in cfg.serve.adapters.items()}
     return RunConfig.model_validate(raw)
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as saved with a run; secrets are left out (set them again where needed)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude={"serve": {"api_key"}}), sort_keys=False)

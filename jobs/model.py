@@ -31,11 +31,14 @@ def _hub_kwargs(cfg: ModelConfig) -> dict:
     return {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
 
 
+def model_config(cfg: ModelConfig):
+    return AutoConfig.from_pretrained(model_path(cfg), **_hub_kwargs(cfg))
+
+
 def model_kind(cfg: ModelConfig) -> str:
     if cfg.kind != "auto":
         return cfg.kind
-    hf_config = AutoConfig.from_pretrained(model_path(cfg), **_hub_kwargs(cfg))
-    return "seq2seq" if hf_config.is_encoder_decoder else "causal"
+    return "seq2seq" if model_config(cfg).is_encoder_decoder else "causal"
 
 
 def load_tokenizer(cfg: ModelConfig):

@@ -1,1 +1,1 @@
-"""Ray Serve application for trained adapters (see issue 5)."""
+"""Ray Serve application: the base model and its adapters behind an OpenAI-compatible API."""

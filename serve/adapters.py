@@ -1,0 +1,51 @@
+"""Where served adapters come from: named folders in the config, or one subfolder per adapter
+in a registry folder that is read at request time (a new subfolder is servable at once).
+
+A name is one path component (`ADAPTER_NAME`) and its folder must resolve inside the registry,
+so no request can make a replica read outside it; only safetensors weights count as an adapter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jobs.config import ADAPTER_NAME, ServeSection
+
+WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class UnknownAdapter(LookupError):
+    """The requested adapter is not servable; the message says why and what is available."""
+
+
+def is_adapter_folder(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).is_file() and (path / WEIGHTS).is_file()
+
+
+def _in_root(root: Path, name: str) -> Path | None:
+    folder = (root / name).resolve()
+    return folder if folder.parent == root.resolve() and is_adapter_folder(folder) else None
+
+
+def resolve(cfg: ServeSection, name: str) -> Path:
+    """The folder of adapter `name`, or UnknownAdapter."""
+    if not ADAPTER_NAME.match(name):
+        raise UnknownAdapter(f"{name[:80]!r} is not a valid adapter name (1-64 letters, digits, '.', '_' or '-')")
+    if name in cfg.adapters:
+        folder = Path(cfg.adapters[name])
+        if not is_adapter_folder(folder):
+            raise UnknownAdapter(f"adapter {name!r}: {folder} has no {ADAPTER_CONFIG} + {WEIGHTS}")
+        return folder
+    if cfg.adapter_root and (folder := _in_root(Path(cfg.adapter_root), name)):
+        return folder
+    raise UnknownAdapter(f"no adapter named {name!r}; available: {', '.join(names(cfg)) or 'none'}")
+
+
+def names(cfg: ServeSection) -> list[str]:
+    """Every servable adapter name: the configured ones, then the registry's subfolders."""
+    found = [name for name, path in cfg.adapters.items() if is_adapter_folder(Path(path))]
+    root = Path(cfg.adapter_root) if cfg.adapter_root else None
+    if root and root.is_dir():
+        found += sorted(p.name for p in root.iterdir() if ADAPTER_NAME.match(p.name) and p.name not in found and _in_root(root, p.name))
+    return found

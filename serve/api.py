@@ -1,0 +1,232 @@
+"""The HTTP front: OpenAI-compatible routes, auth, request checks and limits.
+
+It holds a tokenizer but no model: it turns a request into prompt token ids, checks every
+limit (so bad input is a 4xx that says what to fix, never a 5xx from deep inside generate),
+and hands the request to an engine replica chosen by Serve for the adapter
+(`multiplexed_model_id`).
+"""
+
+
+import asyncio
+import hmac
+import json
+import os
+from dataclasses import asdict
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
+
+from jobs.config import RunConfig
+from jobs.model import load_tokenizer, model_config, model_kind, uses_chat_template
+from serve import adapters, protocol
+from serve.engine import AdapterLoadError
+from serve.generation import GenRequest
+
+MAX_BODY_BYTES = 2 * 1024**2
+FALLBACK_CONTEXT = 2048  # models that state no context size (T5's relative positions)
+
+api = FastAPI(title="lorafleet", description="OpenAI-compatible completions over a base model and its LoRA adapters.")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, protocol.error_body(message, kind, param, code)
+
+
+def _error_response(body: dict, status: int) -> Response:
+    # ASCII-escaped JSON: an echoed path or value with a lone surrogate must not break the encoder
+    return Response(json.dumps(body), status_code=status, media_type="application/json")
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> Response:
+    return _error_response(exc.body, exc.status)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    hint = {404: f"no route {request.url.path}; routes: /v1/completions, /v1/chat/completions, /v1/models, /healthz",
+            405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+    return _error_response(protocol.error_body(hint, "invalid_request_error"), exc.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    return _error_response(protocol.error_body(_describe(exc.errors())), 400)
+
+
+def _describe(errors) -> str:
+    parts = []
+    for e in errors:
+        where = ".".join(str(p) for p in e["loc"] if p != "body") or "body"
+        parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+def base_model_name(run: RunConfig) -> str:
+    return run.serve.model_name or run.model.name.rstrip("/").split("/")[-1]
+
+
+def context_length(run: RunConfig, tokenizer) -> int:
+    hf = model_config(run.model)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(getattr(hf, attr, None), int):
+            return getattr(hf, attr)
+    return tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else FALLBACK_CONTEXT
+
+
+@serve.deployment
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, engine: DeploymentHandle, run: dict, api_key: str | None = None):  # noqa: D107
+        run = RunConfig.model_validate(run)
+        self.engine, self.cfg = engine, run.serve
+        self.tokenizer = load_tokenizer(run.model)
+        self.use_chat = uses_chat_template(run.model, self.tokenizer)
+        self.kind = model_kind(run.model)
+        self.context = context_length(run, self.tokenizer)
+        self.base_name = base_model_name(run)
+        self.system_prompt = run.data.system_prompt
+        self.api_key = api_key or os.environ.get(run.serve.api_key_env) or None
+        self.slots = asyncio.Semaphore(run.serve.max_concurrent_requests)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
+        names = [self.base_name, *adapters.names(self.cfg)]
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "lorafleet", "root": self.base_name} for n in names]}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        self._authorize(request)
+        body = await self._parse(request, protocol.CompletionRequest)
+        prompt_ids = self.tokenizer(body.prompt, add_special_tokens=True)["input_ids"]
+        return await self._answer(body, prompt_ids, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        self._authorize(request)
+        body = await self._parse(request, protocol.ChatRequest)
+        return await self._answer(body, self._chat_prompt(body), chat=True)
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key; send the header 'Authorization: Bearer <key>'", "authentication_error", code="invalid_api_key")
+
+    async def _parse(self, request: Request, model):
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the body is not valid JSON ({exc}); send a JSON object such as {{\"model\": ..., ...}}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, f"the body is a JSON {type(data).__name__}; send a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            first = ".".join(str(p) for p in exc.errors()[0]["loc"])
+            raise ApiError(400, _describe(exc.errors()), param=first or None) from None
+
+    def _chat_prompt(self, body: protocol.ChatRequest) -> list[int]:
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
+        if not self.use_chat:
+            if len(messages) != 1 or messages[0]["role"] != "user":
+                raise ApiError(400, "this model has no chat template: send exactly one user message, or use /v1/completions", param="messages")
+            return self.tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"]
+        if self.system_prompt and messages[0]["role"] != "system":  # as in training
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # templates may refuse role orders (e.g. two system messages)
+            raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages") from None
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _adapter(self, model: str) -> str | None:
+        if model == self.base_name:
+            return None
+        try:
+            adapters.resolve(self.cfg, model)
+        except adapters.UnknownAdapter as exc:
+            raise ApiError(404, f"{exc}; base model: {self.base_name!r}", param="model", code="model_not_found") from None
+        return model
+
+    def _limits(self, body: protocol.Sampling, prompt_tokens: int) -> int:
+        max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+        max_tokens = self.cfg.default_max_tokens if max_tokens is None else max_tokens
+        if not 1 <= max_tokens <= self.cfg.max_tokens_limit:
+            raise ApiError(400, f"max_tokens = {max_tokens}: ask for 1 to {self.cfg.max_tokens_limit} tokens (this server's limit)", param="max_tokens")
+        room = self.context - (max_tokens if self.kind == "causal" else 0)
+        if prompt_tokens > room:
+            need = f"the prompt has {prompt_tokens} tokens" + (f" and max_tokens is {max_tokens}" if self.kind == "causal" else "")
+            raise ApiError(400, f"{need}, more than the model's context of {self.context} tokens; shorten the prompt or lower max_tokens",
+                           param="messages" if isinstance(body, protocol.ChatRequest) else "prompt", code="context_length_exceeded")
+        return max_tokens
+
+    async def _answer(self, body: protocol.Sampling, prompt_ids: list[int], chat: bool):
+        adapter = self._adapter(body.model)
+        if not prompt_ids:
+            raise ApiError(400, "the prompt encodes to no tokens; send some text", param="prompt")
+        max_tokens = self._limits(body, len(prompt_ids))
+        gen = asdict(GenRequest(prompt_ids, max_tokens, adapter, body.temperature, body.top_p, body.stop or [], body.seed))
+        await self._enter()
+        try:
+            if body.stream:
+                stream = self.engine.options(stream=True, multiplexed_model_id=adapter or "").stream.remote(gen)
+                first = await self._engine_call(stream.__anext__())  # adapter errors still become a 4xx here
+                return StreamingResponse(self._events(stream, first, body.model, chat), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            result = await self._engine_call(self.engine.options(multiplexed_model_id=adapter or "").complete.remote(gen))
+        except BaseException:
+            self._leave()
+            raise
+        self._leave()
+        return protocol.completion(body.model, result["text"], result["finish"], len(prompt_ids), result["completion_tokens"], chat)
+
+    async def _engine_call(self, awaitable):
+        try:
+            return await awaitable
+        except adapters.UnknownAdapter as exc:  # removed from the registry since the check
+            raise ApiError(404, str(exc), param="model", code="model_not_found") from None
+        except AdapterLoadError as exc:
+            raise ApiError(400, str(exc), param="model", code="model_not_loadable") from None
+
+    async def _events(self, stream, first, model: str, chat: bool):
+        stream_id = protocol.new_id("chatcmpl" if chat else "cmpl")
+        try:
+            delta, opening = first, True
+            while True:
+                yield protocol.chunk(stream_id, model, delta.text, delta.finish, chat, first=opening)
+                opening = False
+                if delta.finish:
+                    break
+                delta = await stream.__anext__()
+            yield protocol.DONE
+        except StopAsyncIteration:
+            yield protocol.DONE
+        except Exception as exc:  # the status line is sent already: report in-band, as OpenAI does
+            yield protocol.error_event(f"generation failed: {type(exc).__name__}")
+        finally:
+            self._leave()
+
+    async def _enter(self) -> None:
+        if self.cfg.overload == "reject" and self.slots.locked():
+            raise ApiError(429, f"{self.cfg.max_concurrent_requests} requests are in flight on this replica (serve.max_concurrent_requests); retry shortly",
+                           "rate_limit_error", code="too_many_requests")
+        await self.slots.acquire()
+
+    def _leave(self) -> None:
+        self.slots.release()

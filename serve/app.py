@@ -1,0 +1,110 @@
+"""The Serve application: deployments from the `serve:` section, run or written as a Serve config.
+
+    lorafleet serve --config configs/squad-smollm2.yaml serve.adapters.squad=runs/squad-sweep/best/adapter
+    lorafleet serve --config ... --build > serve_config.yaml && serve deploy serve_config.yaml
+    ray job submit --working-dir . -- python -m serve --config configs/squad-smollm2.yaml
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+from ray import serve
+from ray.serve import Application
+
+from jobs.config import ConfigError, RunConfig, with_absolute_paths
+from jobs.model import load_tokenizer, model_kind
+from serve import adapters
+from serve.api import Gateway
+from serve.engine import Engine
+
+IMPORT_PATH = "serve.app:build_app"
+GATEWAY_HEADROOM = 16  # requests past the limit still reach the gateway, which answers them with a 429
+
+
+def _actor_options(resources: dict[str, float]) -> dict[str, Any]:
+    extra = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")}
+    options: dict[str, Any] = {"num_cpus": resources.get("CPU", 1), "num_gpus": resources.get("GPU", 0)}
+    if "memory" in resources:
+        options["memory"] = resources["memory"]
+    if extra:
+        options["resources"] = extra
+    return options
+
+
+def autoscaling(run: RunConfig) -> dict[str, Any]:
+    s = run.serve
+    return {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas, "initial_replicas": s.initial_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests, "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s}
+
+
+def application(run: RunConfig) -> Application:
+    """Gateway (HTTP, no model) -> Engine (base + multiplexed adapters), both from the config."""
+    run = with_absolute_paths(run)  # replicas do not run in the user's folder
+    s = run.serve
+    raw = run.model_dump(mode="json")
+    engine = Engine.options(
+        autoscaling_config=autoscaling(run), max_ongoing_requests=s.max_ongoing_requests, ray_actor_options=_actor_options(s.replica_resources),
+    ).bind(raw)
+    api_key = s.api_key.get_secret_value() if s.api_key else None
+    return Gateway.options(
+        num_replicas=s.api_replicas, max_ongoing_requests=s.max_concurrent_requests + GATEWAY_HEADROOM, ray_actor_options={"num_cpus": 0},
+    ).bind(engine, raw, api_key)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Application builder for Serve config files (`import_path: serve.app:build_app`)."""
+    return application(RunConfig.model_validate(args["config"]))
+
+
+def check(run: RunConfig) -> None:
+    """Fail before Ray starts: the model loads its tokenizer and every named adapter exists."""
+    problems = [f"serve.adapters.{name} = {path!r}: no {adapters.ADAPTER_CONFIG} + {adapters.WEIGHTS} there; train or sweep first, or fix the path"
+                for name, path in run.serve.adapters.items() if not adapters.is_adapter_folder(Path(path))]
+    if run.serve.adapter_root and not os.path.isdir(run.serve.adapter_root):
+        problems.append(f"serve.adapter_root = {run.serve.adapter_root!r}: no such folder; create it or fix the path")
+    if problems:
+        raise ConfigError(problems, "serve")
+    model_kind(run.model)
+    load_tokenizer(run.model)
+
+
+def serve_config(run: RunConfig) -> str:
+    """A Serve config file (`serve deploy`) running this application with this config."""
+    run = with_absolute_paths(run)
+    app = {"name": run.serve.name, "route_prefix": run.serve.route_prefix, "import_path": IMPORT_PATH,
+           "args": {"config": run.model_dump(mode="json", exclude={"serve": {"api_key"}})}}
+    doc = {"proxy_location": "EveryNode", "http_options": {"host": run.serve.host, "port": run.serve.port}, "applications": [app]}
+    note = f"# The API key is not written here: set {run.serve.api_key_env} in the replicas' environment (runtime_env.env_vars or the node).\n" if run.serve.api_key else ""
+    return note + yaml.safe_dump(doc, sort_keys=False)
+
+
+def endpoint(run: RunConfig) -> str:
+    host = "localhost" if run.serve.host in ("0.0.0.0", "127.0.0.1") else run.serve.host
+    return f"http://{host}:{run.serve.port}{run.serve.route_prefix.rstrip('/')}/v1"
+
+
+def deploy(run: RunConfig) -> str:
+    """Start Serve (embedded Ray without an address) and deploy; returns the endpoint."""
+    check(run)
+    if not ray.is_initialized():
+        ray.init(address=run.ray.address)  # no address and no RAY_ADDRESS: an embedded local Ray
+    serve.start(http_options={"host": run.serve.host, "port": run.serve.port})
+    serve.run(application(run), name=run.serve.name, route_prefix=run.serve.route_prefix)
+    return endpoint(run)
+
+
+def embedded(run: RunConfig) -> bool:
+    """No cluster address anywhere: the app lives only as long as this process's Ray."""
+    return run.ray.address is None and not os.environ.get("RAY_ADDRESS")
+
+
+def wait_forever() -> None:
+    """Keep an embedded Ray (and with it the app) alive until Ctrl-C."""
+    while True:
+        time.sleep(3600)

@@ -1,0 +1,179 @@
+"""The model replica: one base model, adapters multiplexed on top of it, batched generation.
+
+- The base is loaded once per replica (quantized as `serve.quantization` says).
+- Adapters load on first use through `serve.multiplexed` (LRU, `max_adapters_per_replica`);
+  Serve routes a request for an adapter to a replica that already holds it.
+- `serve.batch` gathers concurrent requests; one `generate` call serves every request with the
+  same sampling settings, whatever their adapters: PEFT sends each row through its own adapter
+  (`adapter_names`), so rows of different adapters never see each other's weights.
+- `generate` and adapter (un)loading hold one lock: an adapter is never removed mid-forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from ray import serve
+
+from jobs.config import RunConfig
+from jobs.model import load_base, load_tokenizer, model_kind
+from serve import adapters
+from serve.generation import Delta, GenRequest, Progress, eos_token_ids, generate_kwargs
+
+log = logging.getLogger("ray.serve")
+_END = object()
+
+
+class AdapterLoadError(ValueError):
+    """An adapter folder exists but does not fit this base model."""
+
+
+def serving_run(run: RunConfig) -> RunConfig:
+    """The run config with the base precision the replicas load."""
+    if run.serve.quantization == "as_trained":
+        return run
+    return run.model_copy(update={"quantization": run.quantization.model_copy(update={"mode": run.serve.quantization})})
+
+
+class LoadedAdapter:
+    """What the multiplexer caches for an adapter; its eviction removes the adapter from the model."""
+
+    def __init__(self, engine: Engine, name: str):
+        self.engine, self.name, self.unloaded = engine, name, False
+
+    def __del__(self):  # called by Serve on LRU eviction (and by the GC later: once is enough)
+        if not self.unloaded:
+            self.unloaded = True
+            self.engine.detach(self.name)
+
+
+@serve.deployment
+class Engine:
+    def __init__(self, run: dict):
+        run = RunConfig.model_validate(run)
+        self.serve_cfg = run.serve
+        cpus = int(run.serve.replica_resources.get("CPU", 1))
+        torch.set_num_threads(max(1, cpus))  # one replica per `CPU` share, not every core each
+        use_gpu = run.serve.replica_resources.get("GPU", 0) > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.kind = model_kind(run.model)
+        self.tokenizer = load_tokenizer(run.model)
+        self.model = load_base(serving_run(run), self.device, self.kind).eval()
+        self.eos = eos_token_ids(self.model, self.tokenizer)
+        self.lock = threading.Lock()
+
+        async def load(name: str) -> LoadedAdapter:  # a plain function: Serve keeps its LRU cache on it
+            return await self._load(name)
+
+        self.adapter = serve.multiplexed(max_num_models_per_replica=run.serve.max_adapters_per_replica)(load)
+        self.generate_batch.set_max_batch_size(run.serve.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(run.serve.batch_wait_timeout_s)
+        log.info("engine ready: %s (%s) on %s, batches of up to %d", run.model.name, self.kind, self.device, run.serve.max_batch_size)
+
+    async def _load(self, name: str) -> LoadedAdapter:
+        folder = adapters.resolve(self.serve_cfg, name)
+        await asyncio.to_thread(self.attach, name, folder)
+        return LoadedAdapter(self, name)
+
+    def attach(self, name: str, folder: Path) -> None:
+        with self.lock:
+            self._attach_locked(name, folder)
+
+    def _attach_locked(self, name: str, folder: Path) -> None:
+        if isinstance(self.model, PeftModel) and name in self.model.peft_config:
+            return
+        try:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(folder), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
+        except Exception as exc:  # wrong base, wrong shapes, broken files
+            raise AdapterLoadError(f"adapter {name!r} ({folder}) cannot be loaded on this base model: {type(exc).__name__}: {exc}") from None
+        self.model.eval()
+        log.info("adapter %r loaded from %s", name, folder)
+
+    def detach(self, name: str) -> None:
+        with self.lock:
+            if not isinstance(self.model, PeftModel) or name not in self.model.peft_config:
+                return
+            if len(self.model.peft_config) == 1:  # PEFT cannot delete its last adapter: go back to the bare base
+                self.model = self.model.unload()
+            else:
+                self.model.delete_adapter(name)
+            log.info("adapter %r unloaded", name)
+
+    async def stream(self, request: dict) -> AsyncIterator[Delta]:
+        """New text of one request as it is generated; the last Delta carries finish_reason."""
+        req = GenRequest(**request)
+        if req.adapter:
+            await self.adapter(req.adapter)
+        async for delta in self.generate_batch(req):
+            if delta is not None:
+                yield delta
+
+    async def complete(self, request: dict) -> dict:
+        """The whole answer at once (no per-token messages between replicas)."""
+        parts, last = [], Delta("")
+        async for delta in self.stream(request):
+            parts.append(delta.text)
+            last = delta
+        return {**asdict(last), "text": "".join(parts)}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)  # replaced from the config in __init__
+    async def generate_batch(self, requests: list[GenRequest]) -> AsyncIterator[list]:
+        """Per step, one item per request: its Delta, None (nothing new), or StopIteration once it
+        has finished (which ends that caller's stream while the rest of the batch goes on)."""
+        groups: dict[tuple, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(request.sampling_key(), []).append(index)
+        finished: set[int] = set()
+        for indices in groups.values():
+            async for deltas in self._run_group([requests[i] for i in indices]):
+                out: list = [StopIteration if i in finished else None for i in range(len(requests))]
+                for index, delta in zip(indices, deltas, strict=True):
+                    if delta is not None and index not in finished:
+                        out[index] = delta
+                        if delta.finish:
+                            finished.add(index)
+                yield out
+
+    async def _run_group(self, group: list[GenRequest]) -> AsyncIterator[list[Delta | None]]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def put(item) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        progress = Progress(group, self.tokenizer, self.eos, put)
+
+        def work() -> None:
+            try:
+                with self.lock:
+                    self._ensure_adapters(group)
+                    if group[0].seed is not None:
+                        torch.manual_seed(group[0].seed)
+                    with torch.inference_mode():
+                        self.model.generate(**generate_kwargs(group, self.tokenizer, self.kind, self.device, progress, isinstance(self.model, PeftModel)))
+                put(progress.close())
+                put(_END)
+            except Exception as exc:  # delivered to every request of the group
+                put(exc)
+
+        worker = loop.run_in_executor(None, work)
+        while (item := await queue.get()) is not _END:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+        await worker
+
+    def _ensure_adapters(self, group: list[GenRequest]) -> None:
+        """An adapter evicted between a request's arrival and its batch is loaded again."""
+        for name in {r.adapter for r in group if r.adapter}:
+            self._attach_locked(name, adapters.resolve(self.serve_cfg, name))

@@ -1,0 +1,203 @@
+"""Ray integration tier for serving: the whole app on a local Ray with a tiny model and three adapters."""
+
+import json
+import shutil
+import socket
+from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import ray
+from openai import OpenAI
+from ray import serve
+
+from jobs.config import load_config
+from serve.app import application, deploy
+from tests.serve_fixtures import make_adapter
+
+pytestmark = pytest.mark.ray
+PROMPT = "first second third"
+KEY = "test-key-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_causal, tiny_seq2seq):
+    root = tmp_path_factory.mktemp("serve")
+    make_adapter(tiny_causal, root / "a", seed=1, targets=["q_proj", "v_proj"])
+    registry = root / "registry"
+    make_adapter(tiny_causal, registry / "b", seed=2)
+    make_adapter(tiny_seq2seq, registry / "t5", seed=3, targets=["q", "v"], seq2seq=True)  # another architecture
+    spare = make_adapter(tiny_causal, root / "spare", seed=4)
+    port = _free_port()
+    common = [f"model.name={tiny_causal}", "quantization.mode=none", f"serve.port={port}", "serve.replica_resources={CPU: 0.5}",
+              "serve.max_tokens_limit=64", "serve.default_max_tokens=8"]
+    run = load_config(None, [*common, f"serve.adapters={{a: {root / 'a'}}}", f"serve.adapter_root={registry}", "serve.max_adapters_per_replica=2",
+                             "serve.max_concurrent_requests=4", "serve.batch_wait_timeout_s=0.2"])
+    ray.init(num_cpus=2)
+    url = deploy(run)
+    secure = load_config(None, [*common, "serve.name=secure", "serve.route_prefix=/secure", f"serve.api_key={KEY}"])
+    serve.run(application(secure), name="secure", route_prefix="/secure")
+    yield {"url": url, "secure": f"http://localhost:{port}/secure/v1", "registry": registry, "spare": spare, "port": port}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture
+def http(app):
+    with httpx.Client(base_url=app["url"], timeout=120) as client:
+        yield client
+
+
+def _complete(http, model, **extra):
+    response = http.post("/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, **extra})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _events(response) -> list:
+    lines = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_health_and_models(app, http, tiny_causal):
+    assert httpx.get(f"http://localhost:{app['port']}/healthz").json() == {"status": "ok"}
+    ids = [m["id"] for m in http.get("/models").json()["data"]]
+    assert ids == [Path(tiny_causal).name, "a", "b", "t5"]  # the base, the named adapter, then the registry's
+
+
+def test_completion_and_chat_follow_the_openai_format(http):
+    body = _complete(http, "a")
+    assert body["object"] == "text_completion" and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 8 and body["usage"]["prompt_tokens"] > 0
+    chat = http.post("/chat/completions", json={"model": "a", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4, "temperature": 0}).json()
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
+    assert chat["usage"]["completion_tokens"] == 4
+
+
+def test_adapters_answer_differently_and_batching_does_not_mix_them(http):
+    base = http.get("/models").json()["data"][0]["id"]
+    alone = {m: _complete(http, m)["choices"][0]["text"] for m in [base, "a", "b"]}
+    assert len(set(alone.values())) == 3, alone
+    # Concurrent requests for different adapters share batches; each must still get its own adapter's answer.
+    with ThreadPoolExecutor(3) as pool:
+        together = dict(zip([base, "a", "b"], pool.map(lambda m: _complete(http, m)["choices"][0]["text"], [base, "a", "b"])))
+    assert together == alone
+
+
+def test_streaming_sends_the_same_text_as_one_answer(http):
+    whole = _complete(http, "b")["choices"][0]["text"]
+    with http.stream("POST", "/completions", json={"model": "b", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = _events(response)
+    assert len(events) > 1 and "".join(e["choices"][0]["text"] for e in events) == whole
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    with http.stream("POST", "/chat/completions", json={"model": "b", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 5, "temperature": 0, "stream": True}) as response:
+        chunks = _events(response)
+    assert chunks[0]["object"] == "chat.completion.chunk" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_the_official_openai_client_works_unchanged(app):
+    client = OpenAI(base_url=app["url"], api_key="unused")
+    chat = client.chat.completions.create(model="a", messages=[{"role": "user", "content": PROMPT}], max_tokens=4, temperature=0)
+    assert chat.choices[0].message.content and chat.usage.completion_tokens == 4
+    text = client.completions.create(model="a", prompt=PROMPT, max_tokens=4, temperature=0)
+    assert text.choices[0].text
+    stream = client.chat.completions.create(model="a", messages=[{"role": "user", "content": PROMPT}], max_tokens=4, temperature=0, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream]
+    assert "".join(pieces) == chat.choices[0].message.content
+    assert client.models.list().data[1].id == "a"
+
+
+def test_stop_strings_and_sampling_settings_are_honoured(http):
+    greedy = _complete(http, "a", max_tokens=8)["choices"][0]["text"]
+    words = greedy.split()
+    k = next(i for i in range(1, len(words)) if words[i] not in words[:i])  # a word whose first occurrence is not at the start
+    cut = _complete(http, "a", stop=[words[k]])["choices"][0]
+    assert cut["finish_reason"] == "stop" and cut["text"].strip() == " ".join(words[:k])
+    seeded = [_complete(http, "a", temperature=1.5, seed=7)["choices"][0]["text"] for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+BAD_REQUESTS = [
+    ("/completions", b"{not json", 400, None),
+    ("/completions", b"[1, 2]", 400, None),
+    ("/completions", json.dumps({"model": 3, "prompt": PROMPT}).encode(), 400, "model"),
+    ("/completions", json.dumps({"model": "a"}).encode(), 400, "prompt"),
+    ("/completions", json.dumps({"model": "a", "prompt": "   "}).encode(), 400, "prompt"),
+    ("/completions", json.dumps({"model": "a", "prompt": "first " * 600}).encode(), 400, "prompt"),
+    ("/completions", json.dumps({"model": "a", "prompt": PROMPT, "max_tokens": 10**9}).encode(), 400, "max_tokens"),
+    ("/completions", json.dumps({"model": "a", "prompt": PROMPT, "max_tokens": -1}).encode(), 400, "max_tokens"),
+    ("/completions", json.dumps({"model": "a", "prompt": PROMPT, "temperature": "hot"}).encode(), 400, "temperature"),
+    ("/completions", json.dumps({"model": "nope", "prompt": PROMPT}).encode(), 404, "model"),
+    ("/completions", json.dumps({"model": "../registry/b", "prompt": PROMPT}).encode(), 404, "model"),
+    ("/completions", json.dumps({"model": "pickled", "prompt": PROMPT}).encode(), 404, "model"),
+    ("/chat/completions", json.dumps({"model": "a", "messages": []}).encode(), 400, "messages"),
+    ("/chat/completions", json.dumps({"model": "a", "messages": [{"role": "robot", "content": "hi"}]}).encode(), 400, "messages"),
+    ("/chat/completions", json.dumps({"model": "a", "messages": "hi"}).encode(), 400, "messages"),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "status", "param"), BAD_REQUESTS)
+def test_bad_input_gets_a_4xx_that_says_what_to_fix(http, route, body, status, param):
+    response = http.post(route, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    if param:
+        assert param in (error["param"] or "") or param in error["message"]
+
+
+def test_unknown_routes_and_methods_answer_in_the_same_error_format(http):
+    for response in (http.get("/nothing"), http.get("/completions")):
+        assert response.status_code in (404, 405) and "error" in response.json()
+
+
+def test_an_adapter_for_another_architecture_is_a_400_not_a_crash(http):
+    response = http.post("/completions", json={"model": "t5", "prompt": PROMPT, "max_tokens": 4})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "model_not_loadable"
+    assert _complete(http, "a")["choices"][0]["text"]  # the replica still serves
+
+
+def test_a_new_registry_folder_is_served_without_redeploying_and_lru_eviction_keeps_answers(app, http):
+    before = _complete(http, "a")["choices"][0]["text"]
+    incoming = app["registry"] / ".incoming"
+    shutil.copytree(app["spare"], incoming)
+    incoming.rename(app["registry"] / "c")  # atomic: a reader never sees half a folder
+    assert "c" in [m["id"] for m in http.get("/models").json()["data"]]
+    assert _complete(http, "c")["choices"][0]["text"]
+    for model in ["b", "c", "a", "b"]:  # three adapters through a cache of two: each load evicts one
+        _complete(http, model)
+    assert _complete(http, "a")["choices"][0]["text"] == before
+
+
+def test_overload_is_answered_with_429(http):
+    def call(_):
+        return http.post("/completions", json={"model": "a", "prompt": PROMPT, "max_tokens": 64, "temperature": 0})
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(call, range(16)))
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) <= {200, 429} and 429 in codes and 200 in codes, codes
+    assert next(r for r in responses if r.status_code == 429).json()["error"]["type"] == "rate_limit_error"
+
+
+def test_bearer_token_auth_on_every_route_but_healthz(app):
+    with httpx.Client(base_url=app["secure"], timeout=60) as client:
+        assert client.get("/models").status_code == 401
+        assert client.post("/completions", json={"model": "x"}).status_code == 401  # auth comes before validation
+        wrong = client.get("/models", headers={"Authorization": "Bearer wrong"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+        good = {"Authorization": f"Bearer {KEY}"}
+        assert client.get("/models", headers=good).status_code == 200
+        base = client.get("/models", headers=good).json()["data"][0]["id"]
+        ok = client.post("/completions", headers=good, json={"model": base, "prompt": PROMPT, "max_tokens": 2})
+        assert ok.status_code == 200, ok.text
+        assert client.get(app["secure"].removesuffix("/v1") + "/healthz").status_code == 200

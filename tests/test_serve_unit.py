@@ -1,0 +1,151 @@
+"""Unit tier for serving: adapter registry, request checks, token streaming, the Serve config file."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from jobs.cli import app as cli
+from jobs.config import ConfigError, load_config
+from serve import adapters, protocol
+from serve.app import application, build_app, serve_config
+from serve.generation import GenRequest, Progress
+from tests import tiny_models
+from tests.serve_fixtures import make_adapter
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tiny_causal):
+    root = tmp_path_factory.mktemp("registry")
+    make_adapter(tiny_causal, root / "alpha", seed=1)
+    pickled = root / "pickled"  # a .bin adapter: pickle can run code, so it is not an adapter here
+    shutil.copytree(root / "alpha", pickled)
+    (pickled / adapters.WEIGHTS).rename(pickled / "adapter_model.bin")
+    outside = tmp_path_factory.mktemp("outside")
+    make_adapter(tiny_causal, outside / "secret", seed=2)
+    os.symlink(outside / "secret", root / "escape")  # a link out of the registry
+    return root
+
+
+def _serve_cfg(root, **extra):
+    overrides = [f"serve.adapter_root={root}"] + [f"serve.{k}={v}" for k, v in extra.items()]
+    return load_config(None, overrides).serve
+
+
+def test_registry_lists_and_resolves_only_safetensors_adapters_inside_the_root(registry):
+    cfg = _serve_cfg(registry)
+    assert adapters.names(cfg) == ["alpha"]
+    assert adapters.resolve(cfg, "alpha") == (registry / "alpha").resolve()
+    for name in ["pickled", "escape", "../outside", "..", "/etc/passwd", "a/b", "missing", "x" * 65, ""]:
+        with pytest.raises(adapters.UnknownAdapter):
+            adapters.resolve(cfg, name)
+
+
+def test_a_folder_added_to_the_registry_is_servable_at_once(registry, tmp_path):
+    cfg = _serve_cfg(registry)
+    staging = registry / ".incoming-beta"
+    shutil.copytree(registry / "alpha", staging)
+    assert "beta" not in adapters.names(cfg)
+    staging.rename(registry / "beta")
+    try:
+        assert "beta" in adapters.names(cfg)
+        assert adapters.resolve(cfg, "beta").name == "beta"
+    finally:
+        shutil.rmtree(registry / "beta")
+
+
+def test_serve_config_errors_are_listed_at_once():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["serve.adapters={../up: x, ok: y}", "serve.min_replicas=3", "serve.max_replicas=2", "serve.default_max_tokens=2000",
+                           "serve.max_batch_size=128"])
+    text = str(err.value)
+    for fragment in ["serve.adapters = ['../up']", "serve.min_replicas = 3", "serve.default_max_tokens = 2000", "serve.max_ongoing_requests = 64"]:
+        assert fragment in text
+    with pytest.raises(ConfigError, match="serve.max_batch_sise = 4: unknown key; did you mean 'max_batch_size'"):
+        load_config(None, ["serve.max_batch_sise=4"])
+
+
+def test_requests_are_checked_field_by_field():
+    ok = protocol.CompletionRequest.model_validate({"model": "m", "prompt": ["hi"], "stop": "\n"})
+    assert ok.prompt == "hi" and ok.stop == ["\n"]
+    bad = [
+        {"model": "m", "prompt": ""},
+        {"model": "m", "prompt": ["a", "b"]},
+        {"model": "m", "prompt": "hi", "stop": ["1", "2", "3", "4", "5"]},
+        {"model": "m", "prompt": "hi", "temperature": -1},
+        {"model": "m", "prompt": "hi", "n": 2},
+        {"model": "m", "prompt": "bad \ud800 surrogate"},
+        {"model": 5, "prompt": "hi"},
+        {"prompt": "hi"},
+    ]
+    for body in bad:
+        with pytest.raises(ValidationError):
+            protocol.CompletionRequest.model_validate(body)
+    with pytest.raises(ValidationError):
+        protocol.ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]})
+    chat = protocol.ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]})
+    assert chat.messages[0].content == "ab"
+
+
+def _progress(stop, max_tokens=10):
+    tokenizer = tiny_models.build_tokenizer("causal")
+    sent = []
+    request = GenRequest(prompt_ids=[1], max_tokens=max_tokens, stop=stop)
+    progress = Progress([request], tokenizer, {tokenizer.eos_token_id}, sent.append)
+    return tokenizer, progress, sent
+
+
+def _feed(tokenizer, progress, words):
+    import torch
+
+    for word in words:
+        progress(torch.tensor([[tokenizer.convert_tokens_to_ids(word)]]), None)
+
+
+def test_stream_holds_back_a_possible_stop_string_and_cuts_it():
+    tokenizer, progress, sent = _progress(stop=["first third"])
+    _feed(tokenizer, progress, ["first"])
+    assert sent[-1] == [None]  # "first" may start the stop string: held back
+    _feed(tokenizer, progress, ["second"])
+    assert sent[-1][0].text == "first second"  # it did not: released
+    _feed(tokenizer, progress, ["first", "third"])
+    assert sent[-1][0].finish == "stop"
+    assert "".join(d.text for [d] in sent if d) == "first second "  # cut where the stop string starts
+
+
+def test_stream_finishes_each_row_at_its_own_limit_or_eos():
+    tokenizer, progress, sent = _progress(stop=[], max_tokens=2)
+    _feed(tokenizer, progress, ["first", "second"])
+    assert sent[-1][0].finish == "length" and sent[-1][0].completion_tokens == 2
+    tokenizer, progress, sent = _progress(stop=[])
+    _feed(tokenizer, progress, ["first", tokenizer.eos_token])
+    assert sent[-1][0].finish == "stop" and "".join(d.text for [d] in sent if d) == "first"
+
+
+def test_build_writes_a_serve_config_that_serve_deploy_accepts(registry, tiny_causal, monkeypatch):
+    from ray.serve.schema import ServeDeploySchema
+
+    run = load_config(None, [f"model.name={tiny_causal}", f"serve.adapter_root={registry}", "serve.api_key=sekret", "serve.max_replicas=3"])
+    text = serve_config(run)
+    assert "sekret" not in text
+    doc = yaml.safe_load(text)
+    ServeDeploySchema.model_validate(doc) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(doc)
+    app_doc = doc["applications"][0]
+    assert app_doc["import_path"] == "serve.app:build_app"
+    built = build_app(app_doc["args"])  # what `serve deploy` calls
+    assert type(built).__name__ == "Application"
+    assert application(run) is not None
+
+
+def test_cli_build_prints_the_config_and_refuses_missing_adapters(tiny_causal, tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["serve", f"model.name={tiny_causal}", "--build"])
+    assert ok.exit_code == 0, ok.output
+    assert yaml.safe_load(ok.stdout)["applications"][0]["name"] == "lorafleet"
+    missing = runner.invoke(cli, ["serve", f"model.name={tiny_causal}", f"serve.adapters.squad={tmp_path / 'nope'}", "--build"])
+    assert missing.exit_code == 2
+    assert "serve.adapters.squad" in missing.output and "train or sweep first" in missing.output
