@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -159,8 +160,8 @@ class Engine:
                     self._ensure_adapters(group)
                     if group[0].seed is not None:
                         torch.manual_seed(group[0].seed)
-                    with torch.inference_mode():
-                        self.model.generate(**generate_kwargs(group, self.tokenizer, self.kind, self.device, progress, isinstance(self.model, PeftModel)))
+                    with self._single_adapter(group) as mixed, torch.inference_mode():
+                        self.model.generate(**generate_kwargs(group, self.tokenizer, self.kind, self.device, progress, mixed))
                 put(progress.close())
                 put(_END)
             except Exception as exc:  # delivered to every request of the group
@@ -172,6 +173,22 @@ class Engine:
                 raise item
             yield item
         await worker
+
+    @contextmanager
+    def _single_adapter(self, group: list[GenRequest]) -> Iterator[bool]:
+        """One adapter (or none) for the whole group: activate it, which is faster than PEFT's
+        per-row routing; yields whether rows still need routing (`adapter_names`)."""
+        names = {r.adapter for r in group}
+        if not isinstance(self.model, PeftModel):
+            yield False
+        elif len(names) > 1:
+            yield True
+        elif (name := names.pop()) is None:
+            with self.model.disable_adapter():
+                yield False
+        else:
+            self.model.set_adapter(name)
+            yield False
 
     def _ensure_adapters(self, group: list[GenRequest]) -> None:
         """An adapter evicted between a request's arrival and its batch is loaded again."""

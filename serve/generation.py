@@ -90,7 +90,7 @@ class Progress(StoppingCriteria):
         return [None if f else self._finish(row, "length") for row, f in enumerate(self.finished)]
 
 
-def generate_kwargs(requests: list[GenRequest], tokenizer, kind: str, device, progress: Progress, peft: bool) -> dict:
+def generate_kwargs(requests: list[GenRequest], tokenizer, kind: str, device, progress: Progress, mixed_adapters: bool) -> dict:
     """Arguments of one `model.generate` call for requests sharing a sampling key."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left" if kind == "causal" else "right"  # causal rows must all end at the same column
@@ -102,7 +102,7 @@ def generate_kwargs(requests: list[GenRequest], tokenizer, kind: str, device, pr
     sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p} if first.temperature > 0 else {"do_sample": False}
     kwargs = {**inputs, **sampling, "max_new_tokens": max(r.max_tokens for r in requests), "stopping_criteria": StoppingCriteriaList([progress]),
               "pad_token_id": tokenizer.pad_token_id, "use_cache": True}
-    if peft:  # PEFT routes each row through its own adapter in the same forward pass
+    if mixed_adapters:  # PEFT routes each row through its own adapter in the same forward pass
         kwargs["adapter_names"] = [r.adapter or BASE for r in requests]
     return kwargs
 
