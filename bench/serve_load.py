@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import threading
@@ -240,14 +239,15 @@ def plot_ramp(samples: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 3.5))
     t = [s["t"] for s in samples]
-    ax.step(t, [s["clients"] for s in samples], where="post", label="concurrent clients", color="tab:gray")
+    clients = ax.step(t, [s["clients"] for s in samples], where="post", label="concurrent clients", color="tab:gray")
     ax.set_xlabel("seconds")
     ax.set_ylabel("clients")
     ax2 = ax.twinx()
-    ax2.step(t, [s["replicas"] for s in samples], where="post", label="engine replicas", color="tab:blue", linewidth=2)
+    replicas = ax2.step(t, [s["replicas"] for s in samples], where="post", label="engine replicas (RUNNING)", color="tab:blue", linewidth=2)
     ax2.set_ylabel("replicas")
     ax2.set_ylim(0, max(s["replicas"] for s in samples) + 1)
-    fig.legend(loc="upper right")
+    ax2.yaxis.get_major_locator().set_params(integer=True)
+    ax.legend(handles=clients + replicas, loc="upper right")
     ax.set_title("Serve autoscaling under a load ramp (SmolLM2-135M, 2 CPU cores)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -270,8 +270,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/serve"))
     parser.add_argument("--parts", default="overhead,load,memory,cold,ramp")
+    parser.add_argument("--levels", default="1,8,32", help="Concurrent clients of the load part.")
+    parser.add_argument("--batch-waits", default="0.05,0.5", help="serve.batch_wait_timeout_s values of the batched apps (the first also serves overhead and cold).")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
+    levels = [int(c) for c in args.levels.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     names = make_adapters(args.out)
     report: dict = {}
@@ -286,14 +289,16 @@ def main() -> None:
 
     ray.init(num_cpus=2)
     if parts & {"overhead", "load", "cold"}:
-        for batch in (32, 1):
-            url = deploy(_config(args.out, f"serve.max_batch_size={batch}", "serve.batch_wait_timeout_s=0.05"))
-            if batch == 32 and "overhead" in parts:
-                report["serve_s"] = serve_request_seconds(url, BASE_NAME, args.max_tokens)  # like for like: the bare run has no adapter
-            if batch == 32 and "cold" in parts:
+        waits = [float(w) for w in args.batch_waits.split(",")]
+        for batch, wait in [(32, w) for w in waits] + [(1, 0.0)]:
+            url = deploy(_config(args.out, f"serve.max_batch_size={batch}", f"serve.batch_wait_timeout_s={wait}"))
+            if (batch, wait) == (32, waits[0]) and "overhead" in parts:
+                report["serve_s"] = serve_request_seconds(url, BASE_NAME, args.max_tokens)
+            if (batch, wait) == (32, waits[0]) and "cold" in parts:
                 report["cold"] = cold_load(url, names[1:])
             if "load" in parts:
-                report.setdefault("load", {})[batch] = [load_level(url, names[0], c, max(16, 2 * c), args.max_tokens) for c in (1, 8, 32)]
+                label = f"on ({batch}, wait {wait} s)" if batch > 1 else "off"
+                report.setdefault("load", {})[label] = [load_level(url, names[0], c, max(16, 2 * c), args.max_tokens) for c in levels]
             serve.delete("lorafleet")
     if "ramp" in parts:
         run = _config(args.out, "serve.replica_resources={CPU: 1}", "serve.max_replicas=2", "serve.target_ongoing_requests=2",
@@ -317,15 +322,17 @@ def print_tables(r: dict, args) -> None:
     if "load" in r:
         print(f"\n## Load, {args.max_tokens} tokens per request (target: batched >= 4x unbatched at 32 clients)\n")
         print("| clients | batching | requests | tokens/s | requests/s | p50 s | p99 s |\n|---|---|---|---|---|---|---|")
-        for batch, label in ((32, "on (32)"), (1, "off")):
-            for row in r["load"].get(batch, []):
+        for label, rows in r["load"].items():
+            for row in rows:
                 print(f"| {row['clients']} | {label} | {row['requests']} | {row['tokens_per_s']:.1f} | {row['requests_per_s']:.2f} | {row['p50_s']:.2f} | {row['p99_s']:.2f} |")
-        if 1 in r["load"] and 32 in r["load"]:
-            ratios = [on["tokens_per_s"] / off["tokens_per_s"] for on, off in zip(r["load"][32], r["load"][1], strict=True)]
-            print(f"\nbatched / unbatched throughput: {', '.join(f'{c} clients {x:.2f}x' for c, x in zip((1, 8, 32), ratios, strict=True))}")
+        off = {row["clients"]: row["tokens_per_s"] for row in r["load"].get("off", [])}
+        for label, rows in r["load"].items():
+            if label != "off" and off:
+                ratios = [f"{row['clients']} clients {row['tokens_per_s'] / off[row['clients']]:.2f}x" for row in rows]
+                print(f"\nthroughput, batching {label} / off: {', '.join(ratios)}")
     if "memory" in r:
         m = r["memory"]
-        print(f"\n## Memory, fp32 base + rank-8 adapters (target: 8 multiplexed <= 1.25x one)\n")
+        print("\n## Memory, fp32 base + rank-8 adapters (target: 8 multiplexed <= 1.25x one)\n")
         print("| what | resident MB | vs base + 1 adapter |\n|---|---|---|")
         for key, label in (("base", "base alone"), ("one", "base + 1 adapter"), ("eight", f"base + {ADAPTERS} adapters, multiplexed"), ("merged", f"{ADAPTERS} merged models, one per adapter")):
             print(f"| {label} | {m[key]:.0f} | {m[key] / m['one']:.2f}x |")

@@ -135,6 +135,7 @@ class Engine:
         for index, request in enumerate(requests):
             groups.setdefault(request.sampling_key(), []).append(index)
         finished: set[int] = set()
+        log.debug("batch of %d request(s) in %d sampling group(s)", len(requests), len(groups))
         for indices in groups.values():
             async for deltas in self._run_group([requests[i] for i in indices]):
                 out: list = [StopIteration if i in finished else None for i in range(len(requests))]

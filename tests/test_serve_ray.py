@@ -42,7 +42,8 @@ def app(tmp_path_factory, tiny_causal, tiny_seq2seq):
                              "serve.max_concurrent_requests=4", "serve.batch_wait_timeout_s=0.2"])
     ray.init(num_cpus=2)
     url = deploy(run)
-    secure = load_config(None, [*common, "serve.name=secure", "serve.route_prefix=/secure", f"serve.api_key={KEY}"])
+    secure = load_config(None, [*common, "serve.name=secure", "serve.route_prefix=/secure", f"serve.api_key={KEY}",
+                                "serve.max_concurrent_requests=1", "serve.overload=queue"])
     serve.run(application(secure), name="secure", route_prefix="/secure")
     yield {"url": url, "secure": f"http://localhost:{port}/secure/v1", "registry": registry, "spare": spare, "port": port}
     serve.shutdown()
@@ -201,3 +202,12 @@ def test_bearer_token_auth_on_every_route_but_healthz(app):
         ok = client.post("/completions", headers=good, json={"model": base, "prompt": PROMPT, "max_tokens": 2})
         assert ok.status_code == 200, ok.text
         assert client.get(app["secure"].removesuffix("/v1") + "/healthz").status_code == 200
+
+
+def test_queue_overload_mode_waits_instead_of_refusing(app):
+    good = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=app["secure"], timeout=120, headers=good) as client:
+        base = client.get("/models").json()["data"][0]["id"]
+        with ThreadPoolExecutor(6) as pool:  # six at once through one slot
+            codes = list(pool.map(lambda _: client.post("/completions", json={"model": base, "prompt": PROMPT, "max_tokens": 32}).status_code, range(6)))
+    assert codes == [200] * 6
