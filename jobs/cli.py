@@ -142,6 +142,81 @@ def serve_cmd(
             pass
 
 
+AddressOption = Annotated[Optional[str], typer.Option("--address", help="Ray dashboard address; default: RAY_ADDRESS, else http://127.0.0.1:8265.")]
+
+
+@app.command()
+def submit(
+    stage: Annotated[str, typer.Argument(help="train, sweep, serve or eval.")],
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    address: AddressOption = None,
+    env: Annotated[Optional[list[str]], typer.Option("--env", help="Pass this environment variable to the job (repeatable).")] = None,
+    install: Annotated[bool, typer.Option("--install", help="Install the pinned dependencies in the job's runtime env (else the cluster's).")] = False,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Stream the logs and exit with the job's status.")] = True,
+) -> None:
+    """Submit a stage as a Ray job (this repository as its working dir); exit code = the job's final status."""
+    from jobs import submit as jobs_submit
+
+    try:
+        client, job_id = jobs_submit.submit(stage, config, overrides or [], address, env or [], install)
+    except ConfigError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"submitted {job_id}: lorafleet jobs logs {job_id} --follow", highlight=False)
+    if not wait:
+        results.print(job_id)
+        return
+    status = jobs_submit.follow(client, job_id, lambda line: results.print(line, highlight=False, markup=False))
+    console.print(f"job {job_id}: [bold]{status.value}[/]", highlight=False)
+    raise typer.Exit(jobs_submit.exit_code(status))
+
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Ray jobs on the cluster: list, status, logs, stop.")
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("list")
+def jobs_list(address: AddressOption = None) -> None:
+    """Every job on the cluster, newest last."""
+    from jobs.submit import client
+
+    for job in sorted(client(address).list_jobs(), key=lambda j: j.start_time or 0):
+        results.print(f"{job.submission_id or job.job_id}  {job.status.value:<9}  {job.entrypoint}", highlight=False, markup=False)
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: AddressOption = None) -> None:
+    """A job's status and message; exit code 0 only for SUCCEEDED."""
+    from jobs.submit import client, exit_code
+
+    info = client(address).get_job_info(job_id)
+    results.print(f"{job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""), highlight=False, markup=False)
+    if info.status.is_terminal():
+        raise typer.Exit(exit_code(info.status))
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, address: AddressOption = None, follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")] = False) -> None:
+    """A job's logs (driver output, including the error of a failed job)."""
+    from jobs import submit as jobs_submit
+
+    client = jobs_submit.client(address)
+    if follow:
+        jobs_submit.follow(client, job_id, lambda line: results.print(line, highlight=False, markup=False))
+    else:
+        results.print(client.get_job_logs(job_id), highlight=False, markup=False, end="")
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: AddressOption = None) -> None:
+    """Ask the cluster to stop a running job."""
+    from jobs.submit import client
+
+    stopped = client(address).stop_job(job_id)
+    results.print(f"{job_id}: {'stop requested' if stopped else 'not running'}", highlight=False)
+
+
 def run_stage(stage: str) -> None:
     """`python -m jobs.<stage> ...` (the `ray job submit` entrypoint) runs the same command."""
     app([stage, *sys.argv[1:]])

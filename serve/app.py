@@ -80,7 +80,9 @@ def serve_config(run: RunConfig) -> str:
     app = {"name": run.serve.name, "route_prefix": run.serve.route_prefix, "import_path": IMPORT_PATH,
            "args": {"config": run.model_dump(mode="json", exclude={"serve": {"api_key"}})}}
     doc = {"proxy_location": "EveryNode", "http_options": {"host": run.serve.host, "port": run.serve.port}, "applications": [app]}
-    note = f"# The API key is not written here: set {run.serve.api_key_env} in the replicas' environment (runtime_env.env_vars or the node).\n" if run.serve.api_key else ""
+    note = ""
+    if run.serve.api_key:
+        note = f"# The API key is not written here: set {run.serve.api_key_env} in the replicas' environment (runtime_env.env_vars or the node).\n"
     return note + yaml.safe_dump(doc, sort_keys=False)
 
 

@@ -111,9 +111,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def completion(model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int, chat: bool) -> dict:
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
-        return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
-    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-    return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+        kind, prefix = "chat.completion", "chatcmpl"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        kind, prefix = "text_completion", "cmpl"
+    return {"id": new_id(prefix), "object": kind, "created": int(time.time()), "model": model, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def chunk(stream_id: str, model: str, text: str, finish: str | None, chat: bool, first: bool = False) -> str:

@@ -3,8 +3,8 @@
 import json
 import shutil
 import socket
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -100,7 +100,8 @@ def test_streaming_sends_the_same_text_as_one_answer(http):
         events = _events(response)
     assert len(events) > 1 and "".join(e["choices"][0]["text"] for e in events) == whole
     assert events[-1]["choices"][0]["finish_reason"] == "length"
-    with http.stream("POST", "/chat/completions", json={"model": "b", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 5, "temperature": 0, "stream": True}) as response:
+    chat = {"model": "b", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 5, "temperature": 0, "stream": True}
+    with http.stream("POST", "/chat/completions", json=chat) as response:
         chunks = _events(response)
     assert chunks[0]["object"] == "chat.completion.chunk" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
 

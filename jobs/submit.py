@@ -1,0 +1,89 @@
+"""Ray job submission: `lorafleet submit STAGE` and `lorafleet jobs list|status|logs|stop`.
+
+A stage is submitted as `python -m <module> --config ... overrides` with this repository as the
+job's working dir, the way `ray job submit --working-dir .` does, through Ray's Job Submission
+SDK. The config is validated here first, so a bad config fails before the cluster sees a job.
+
+Ray 2.6x clusters started with `ray start` require a token: `ray start` writes it to
+~/.ray/auth_token, and the SDK sends it only when RAY_AUTH_MODE=token. When a token is there
+(or in RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) and the mode is unset, it is set here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import tomllib
+from pathlib import Path
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from jobs.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = {"train": "jobs.train", "sweep": "tune", "serve": "serve", "eval": "jobs.evaluation"}
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# Passed to every job: offline switches and the model cache. Anything else only with --env.
+PASSED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "LORAFLEET_CACHE", "TOKENIZERS_PARALLELISM")
+EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache"]
+
+
+def enable_token_auth() -> None:
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def client(address: str | None) -> JobSubmissionClient:
+    enable_token_auth()
+    return JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS)
+
+
+def pinned_dependencies() -> list[str]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
+def runtime_env(env_names: list[str], install: bool) -> dict:
+    names = [*PASSED_ENV, *env_names]
+    env = {"working_dir": str(REPO), "excludes": EXCLUDES, "env_vars": {k: os.environ[k] for k in names if k in os.environ}}
+    if install:  # otherwise the cluster image (or cluster.yaml's setup_commands) provides them
+        env["pip"] = pinned_dependencies()
+    return env
+
+
+def entrypoint(stage: str, config: str | None, overrides: list[str]) -> str:
+    """The job's command, after checking the config here (paths as the job will see them)."""
+    if stage not in STAGES:
+        raise ConfigError([f"STAGE = {stage!r}: unknown stage; use one of {', '.join(STAGES)}"], "submit")
+    args = []
+    if config:
+        path = Path(config).resolve()
+        if not path.is_relative_to(REPO):
+            raise ConfigError([f"--config = {config!r}: the job only sees this repository (its working dir); put the config under {REPO}"], "submit")
+        load_config(path, overrides)
+        args = ["--config", str(path.relative_to(REPO))]
+    else:
+        load_config(None, overrides)
+    return shlex.join(["python", "-m", STAGES[stage], *args, *overrides])
+
+
+def submit(stage: str, config: str | None, overrides: list[str], address: str | None, env_names: list[str], install: bool) -> tuple[JobSubmissionClient, str]:
+    jobs = client(address)
+    job_id = jobs.submit_job(entrypoint=entrypoint(stage, config, overrides), runtime_env=runtime_env(env_names, install), metadata={"lorafleet_stage": stage})
+    return jobs, job_id
+
+
+def follow(jobs: JobSubmissionClient, job_id: str, echo) -> JobStatus:
+    """Stream the job's logs until it ends; its final status."""
+
+    async def tail() -> None:
+        async for lines in jobs.tail_job_logs(job_id):
+            echo(lines.rstrip("\n"))
+
+    asyncio.run(tail())
+    return jobs.get_job_status(job_id)
+
+
+def exit_code(status: JobStatus) -> int:
+    return 0 if status == JobStatus.SUCCEEDED else 1

@@ -1,0 +1,75 @@
+"""Job submission against a real single-node cluster: `ray start --head` on loopback, token auth on."""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    dashboard = _free_port()
+    subprocess.run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
+                    "--num-cpus=2", "--disable-usage-stats"], env=env, check=True, capture_output=True)
+    yield f"http://127.0.0.1:{dashboard}", env
+    subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True)
+
+
+def _overrides(tiny_causal, out: Path) -> list[str]:
+    return [f"model.name={tiny_causal}", "data.demo_rows=60", "data.max_source_length=48", "data.max_target_length=24", "training.max_steps=4",
+            "training.eval_steps=2", "training.logging_steps=2", "training.batch_size=4", f"training.output_dir={out}",
+            "ray.resources_per_worker={CPU: 1}", f"ray.storage_path={out.parent / 'ray'}"]
+
+
+def test_ray_job_submit_runs_the_train_job_to_success(cluster, tiny_causal, tmp_path):
+    address, env = cluster
+    out = tmp_path / "train"
+    done = subprocess.run([BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
+                           "--runtime-env-json", '{"env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}}',
+                           "--", "python", "-m", "jobs.train", "--config", "configs/demo.yaml", *_overrides(tiny_causal, out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout + done.stderr
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "report.md").is_file()
+
+
+def test_lorafleet_submit_reports_a_failed_job_and_its_error(cluster, tiny_causal, tmp_path):
+    address, env = cluster
+    lorafleet = shutil.which("lorafleet", path=str(BIN))
+    failing = {**env, "LORAFLEET_FAIL_AT": "0:1"}  # the test hook kills rank 0 at step 1; max_failures is 0
+    done = subprocess.run([lorafleet, "submit", "train", "--address", address, "--config", "configs/demo.yaml", "--env", "LORAFLEET_FAIL_AT",
+                           *_overrides(tiny_causal, tmp_path / "train")], env=failing, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    job_id = re.search(r"submitted (\S+):", done.stderr).group(1)
+    assert "FAILED" in done.stderr
+    status = subprocess.run([lorafleet, "jobs", "status", job_id, "--address", address], env=env, capture_output=True, text=True)
+    assert status.returncode == 1 and "FAILED" in status.stdout
+    logs = subprocess.run([lorafleet, "jobs", "logs", job_id, "--address", address], env=env, capture_output=True, text=True)
+    assert "training failed" in logs.stdout
+    listed = subprocess.run([lorafleet, "jobs", "list", "--address", address], env=env, capture_output=True, text=True)
+    assert job_id in listed.stdout
+
+
+def test_a_bad_config_is_refused_before_anything_is_submitted(cluster):
+    address, env = cluster
+    lorafleet = shutil.which("lorafleet", path=str(BIN))
+    done = subprocess.run([lorafleet, "submit", "train", "--address", address, "--config", "configs/demo.yaml", "lora.r=-4"],
+                          env=env, capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 2 and "lora.r = -4" in done.stderr
+    assert "submitted" not in done.stderr
