@@ -136,6 +136,7 @@ def serve_cmd(
     results.print(f"try: curl {url}/models" + (" -H 'Authorization: Bearer $KEY'" if run.serve.api_key or os.environ.get(run.serve.api_key_env) else ""), highlight=False)
     if serve_app.embedded(run):
         console.print("embedded Ray: the app stops with this process (Ctrl-C)", highlight=False)
+        sys.stdout.flush()  # the endpoint must show in a redirected log while the process waits
         try:
             serve_app.wait_forever()
         except KeyboardInterrupt:
