@@ -24,8 +24,8 @@ setup: $(STAMP)
 model: setup  ## convert the packaged SmolLM2 GGUF once into a cached HF folder
 	$(BIN)/python -c "from jobs.packaged import packaged_model_path; print('demo model:', packaged_model_path('smollm2-135m-instruct'))"
 
-demo: model
-	$(BIN)/lorafleet train --config configs/demo.yaml
+demo: model  ## the pipeline: train -> evaluate vs base -> serve -> smoke request
+	$(BIN)/lorafleet pipeline --config configs/demo.yaml
 
 test: model
 	$(BIN)/python -m pytest -v --durations=15

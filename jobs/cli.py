@@ -143,12 +143,53 @@ def serve_cmd(
             pass
 
 
+@app.command()
+def pipeline(
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    keep_serving: Annotated[bool, typer.Option("--keep-serving", help="On an embedded Ray, keep the app up until Ctrl-C.")] = False,
+) -> None:
+    """Train (or sweep, with a tune: section) -> evaluate the best adapter against the base -> serve it -> smoke request."""
+    from ray.train import TrainingFailedError
+
+    from jobs.pipeline import PipelineFailed
+    from jobs.pipeline import pipeline as run_pipeline
+    from serve import app as serve_app
+
+    _setup_logging()
+    try:
+        run = load_config(config, overrides or [])
+        outcome = run_pipeline(run)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except (TrainingFailedError, PipelineFailed) as exc:
+        console.print(f"[bold red]pipeline failed:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    if outcome.summary.name == "leaderboard.md":
+        results.print(outcome.summary.read_text().split("## Metric curves")[0], highlight=False, markup=False)
+    results.print(outcome.eval_report.read_text().split("## Failed generations")[0], highlight=False, markup=False)
+    s = outcome.smoke
+    results.print(f"smoke request ({s['route']}, model {outcome.adapter_name!r}):\n  prompt:    {s['prompt'][:300]!r}\n  answer:    {s['answer']!r}\n"
+                  f"  reference: {s['references'][0]!r}", highlight=False, markup=False)
+    results.print(f"adapter:  {outcome.adapter}\nreport:   {outcome.summary}\neval:     {outcome.eval_report}\nendpoint: {outcome.endpoint}  (model {outcome.adapter_name!r})", highlight=False)
+    if serve_app.embedded(run):
+        if not keep_serving:
+            console.print(f"embedded Ray: the app stops now; serve it again with: lorafleet serve --config {config} serve.adapters.{outcome.adapter_name}={outcome.adapter}", highlight=False)
+            return
+        sys.stdout.flush()
+        try:
+            serve_app.wait_forever()
+        except KeyboardInterrupt:
+            pass
+
+
 AddressOption = Annotated[Optional[str], typer.Option("--address", help="Ray dashboard address; default: RAY_ADDRESS, else http://127.0.0.1:8265.")]
 
 
 @app.command()
 def submit(
-    stage: Annotated[str, typer.Argument(help="train, sweep, serve or eval.")],
+    stage: Annotated[str, typer.Argument(help="train, sweep, serve, eval or pipeline.")],
     config: ConfigOption = None,
     overrides: Overrides = None,
     address: AddressOption = None,

@@ -22,7 +22,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from jobs.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = {"train": "jobs.train", "sweep": "tune", "serve": "serve", "eval": "jobs.evaluation"}
+STAGES = {"train": "jobs.train", "sweep": "tune", "serve": "serve", "eval": "jobs.evaluation", "pipeline": "jobs.pipeline"}
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Passed to every job: offline switches and the model cache. Anything else only with --env.
 PASSED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "LORAFLEET_CACHE", "TOKENIZERS_PARALLELISM")

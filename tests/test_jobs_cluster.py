@@ -73,3 +73,23 @@ def test_a_bad_config_is_refused_before_anything_is_submitted(cluster):
                           env=env, capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 2 and "lora.r = -4" in done.stderr
     assert "submitted" not in done.stderr
+
+
+def test_the_pipeline_job_trains_evaluates_deploys_and_answers(cluster, tiny_causal, tmp_path):
+    address, env = cluster
+    out = tmp_path / "pipeline"
+    port = _free_port()
+    done = subprocess.run([BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
+                           "--runtime-env-json", '{"env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}}',
+                           "--", "python", "-m", "jobs.pipeline", "--config", "configs/demo.yaml", *_overrides(tiny_causal, out),
+                           "eval.max_new_tokens=8", f"serve.port={port}", "serve.replica_resources={CPU: 0.5}"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "eval" / "eval.md").is_file()
+    assert "| metric | base | adapter | delta |" in log  # the eval table, base against adapter
+    assert "smoke request (/chat/completions, model 'pipeline')" in log and f"endpoint: http://localhost:{port}/v1" in log
+    import httpx
+
+    models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()  # on a cluster the app outlives the job
+    assert "pipeline" in [m["id"] for m in models["data"]]

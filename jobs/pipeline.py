@@ -1,0 +1,92 @@
+"""The pipeline job: train (or sweep, when the config has a `tune:` section) -> evaluate the best
+adapter against the base model -> deploy it with Serve -> send a smoke request.
+
+    lorafleet pipeline --config configs/demo.yaml
+    ray job submit --working-dir . -- python -m jobs.pipeline --config configs/squad-smollm2.yaml
+
+On an embedded Ray the app ends with the job unless `--keep-serving`; on a cluster it stays up.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from jobs.config import RunConfig, load_config
+from jobs.evaluation import eval_examples, run_eval
+from jobs.model import load_tokenizer, uses_chat_template
+
+
+class PipelineFailed(RuntimeError):
+    """A stage produced nothing the next stage can use (e.g. no sweep trial reported its metric)."""
+
+
+@dataclass
+class PipelineOutcome:
+    adapter: Path
+    summary: Path  # leaderboard.md (sweep) or report.md (training)
+    eval_report: Path
+    endpoint: str
+    adapter_name: str
+    smoke: dict
+
+
+def adapter_name(run: RunConfig) -> str:
+    folder = Path(run.tune.output_dir if "tune" in run.model_fields_set else run.training.output_dir).name
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", folder).lstrip("._-")[:64] or "adapter"
+
+
+def fit(run: RunConfig) -> tuple[Path, RunConfig, Path]:
+    """Train, or sweep and take the best trial: its adapter, its config, its summary report."""
+    if "tune" in run.model_fields_set:
+        from tune.sweep import sweep
+
+        outcome = sweep(run)
+        if outcome.summary["best"] is None:
+            raise PipelineFailed(f"no trial reported {run.tune.metric}; see {outcome.sweep_dir / 'leaderboard.md'}")
+        best = outcome.sweep_dir / "best"
+        return best / "adapter", load_config(best / "config.yaml"), outcome.sweep_dir / "leaderboard.md"
+    from jobs.train import train
+
+    outcome = train(run)
+    return outcome.adapter_dir, run, outcome.output_dir / "report.md"
+
+
+def smoke_request(endpoint: str, name: str, run: RunConfig, api_key: str | None) -> dict:
+    """One held-out example through the deployed app, as a client would send it."""
+    example = eval_examples(run)[0]
+    use_chat = uses_chat_template(run.model, load_tokenizer(run.model))
+    limits = {"model": name, "max_tokens": min(run.eval.max_new_tokens, run.serve.max_tokens_limit), "temperature": 0, "stop": run.eval.stop[:4] or None}
+    route, body = ("/chat/completions", {**limits, "messages": [{"role": "user", "content": example["prompt"]}]}) if use_chat else ("/completions", {**limits, "prompt": example["prompt"]})
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.post(endpoint + route, json=body, headers=headers, timeout=300)
+    if response.status_code != 200:
+        raise PipelineFailed(f"smoke request to {endpoint + route} answered {response.status_code}: {response.text[:500]}")
+    choice = response.json()["choices"][0]
+    answer = choice["message"]["content"] if use_chat else choice["text"]
+    return {"route": route, "prompt": example["prompt"], "answer": answer, "references": example["references"], "finish_reason": choice["finish_reason"]}
+
+
+def pipeline(run: RunConfig) -> PipelineOutcome:
+    """Fit, evaluate, deploy, smoke-test: the whole job, top to bottom."""
+    from serve import app as serve_app
+
+    adapter, best_run, summary = fit(run)
+    eval_dir = adapter.parent / "eval"
+    run_eval(best_run, adapter, True, eval_dir)
+    name = adapter_name(run)
+    serving = best_run.model_copy(update={"serve": run.serve.model_copy(update={"adapters": {**run.serve.adapters, name: str(adapter.resolve())}})})
+    endpoint = serve_app.deploy(serving)
+    api_key = serving.serve.api_key.get_secret_value() if serving.serve.api_key else os.environ.get(serving.serve.api_key_env)
+    smoke = smoke_request(endpoint, name, best_run, api_key)
+    return PipelineOutcome(adapter=adapter, summary=summary, eval_report=eval_dir / "eval.md", endpoint=endpoint, adapter_name=name, smoke=smoke)
+
+
+if __name__ == "__main__":
+    from jobs.cli import run_stage
+
+    run_stage("pipeline")
