@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from ray import serve
+from safetensors.torch import load_file
 
 from jobs.config import RunConfig
 from jobs.model import load_base, load_tokenizer, model_kind
@@ -41,6 +42,25 @@ def serving_run(run: RunConfig) -> RunConfig:
     if run.serve.quantization == "as_trained":
         return run
     return run.model_copy(update={"quantization": run.quantization.model_copy(update={"mode": run.serve.quantization})})
+
+
+def check_fits(model, name: str, folder: Path) -> None:
+    """AdapterLoadError unless every LoRA matrix of the adapter fits a module of this base."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    for key, tensor in load_file(folder / adapters.WEIGHTS).items():
+        side = "A" if ".lora_A." in key else "B" if ".lora_B." in key else None
+        if side is None:
+            continue
+        path = key.split(f".lora_{side}.")[0].removeprefix("base_model.model.")
+        try:
+            module = base.get_submodule(path)
+        except AttributeError:
+            raise AdapterLoadError(f"adapter {name!r} ({folder}) adapts {path}, which this base model does not have: it was trained on another architecture") from None
+        module = getattr(module, "base_layer", module)  # already wrapped for another adapter
+        expected = getattr(module, "in_features" if side == "A" else "out_features", None)
+        actual = tensor.shape[1] if side == "A" else tensor.shape[0]
+        if expected is not None and expected != actual:
+            raise AdapterLoadError(f"adapter {name!r} ({folder}) has {actual} features where {path} has {expected}: it was trained on another model size")
 
 
 class LoadedAdapter:
@@ -90,25 +110,30 @@ class Engine:
     def _attach_locked(self, name: str, folder: Path) -> None:
         if isinstance(self.model, PeftModel) and name in self.model.peft_config:
             return
+        check_fits(self.model, name, folder)  # PEFT injects layers before it loads weights: a misfit would stay behind
         try:
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(str(folder), adapter_name=name)
             else:
                 self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
-        except Exception as exc:  # wrong base, wrong shapes, broken files
+        except Exception as exc:  # broken files, or what check_fits cannot see
+            self._drop_locked(name)
             raise AdapterLoadError(f"adapter {name!r} ({folder}) cannot be loaded on this base model: {type(exc).__name__}: {exc}") from None
         self.model.eval()
         log.info("adapter %r loaded from %s", name, folder)
 
     def detach(self, name: str) -> None:
         with self.lock:
-            if not isinstance(self.model, PeftModel) or name not in self.model.peft_config:
-                return
-            if len(self.model.peft_config) == 1:  # PEFT cannot delete its last adapter: go back to the bare base
-                self.model = self.model.unload()
-            else:
-                self.model.delete_adapter(name)
-            log.info("adapter %r unloaded", name)
+            self._drop_locked(name)
+
+    def _drop_locked(self, name: str) -> None:
+        if not isinstance(self.model, PeftModel) or name not in self.model.peft_config:
+            return
+        if len(self.model.peft_config) == 1:  # PEFT cannot delete its last adapter: go back to the bare base
+            self.model = self.model.unload()
+        else:
+            self.model.delete_adapter(name)
+        log.info("adapter %r unloaded", name)
 
     async def stream(self, request: dict) -> AsyncIterator[Delta]:
         """New text of one request as it is generated; the last Delta carries finish_reason."""

@@ -14,7 +14,7 @@ from ray import serve
 
 from jobs.config import load_config
 from serve.app import application, deploy
-from tests.serve_fixtures import make_adapter
+from tests.serve_fixtures import make_adapter, narrow_llama
 
 pytestmark = pytest.mark.ray
 PROMPT = "first second third"
@@ -34,6 +34,7 @@ def app(tmp_path_factory, tiny_causal, tiny_seq2seq):
     registry = root / "registry"
     make_adapter(tiny_causal, registry / "b", seed=2)
     make_adapter(tiny_seq2seq, registry / "t5", seed=3, targets=["q", "v"], seq2seq=True)  # another architecture
+    make_adapter(str(narrow_llama(root / "narrow-base")), registry / "narrow", seed=5)  # same architecture, another size
     spare = make_adapter(tiny_causal, root / "spare", seed=4)
     port = _free_port()
     common = [f"model.name={tiny_causal}", "quantization.mode=none", f"serve.port={port}", "serve.replica_resources={CPU: 0.5}",
@@ -71,7 +72,7 @@ def _events(response) -> list:
 def test_health_and_models(app, http, tiny_causal):
     assert httpx.get(f"http://localhost:{app['port']}/healthz").json() == {"status": "ok"}
     ids = [m["id"] for m in http.get("/models").json()["data"]]
-    assert ids == [Path(tiny_causal).name, "a", "b", "t5"]  # the base, the named adapter, then the registry's
+    assert ids == [Path(tiny_causal).name, "a", "b", "narrow", "t5"]  # the base, the named adapter, then the registry's
 
 
 def test_completion_and_chat_follow_the_openai_format(http):
@@ -162,10 +163,13 @@ def test_unknown_routes_and_methods_answer_in_the_same_error_format(http):
         assert response.status_code in (404, 405) and "error" in response.json()
 
 
-def test_an_adapter_for_another_architecture_is_a_400_not_a_crash(http):
-    response = http.post("/completions", json={"model": "t5", "prompt": PROMPT, "max_tokens": 4})
-    assert response.status_code == 400 and response.json()["error"]["code"] == "model_not_loadable"
-    assert _complete(http, "a")["choices"][0]["text"]  # the replica still serves
+def test_an_adapter_for_another_model_is_a_400_and_leaves_the_replica_as_it_was(http):
+    base = http.get("/models").json()["data"][0]["id"]
+    before = {m: _complete(http, m)["choices"][0]["text"] for m in [base, "a"]}
+    for model in ["t5", "narrow", "t5", "narrow"]:  # twice each: a failed load leaves nothing a retry could mistake for the adapter
+        response = http.post("/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 4})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "model_not_loadable", response.text
+    assert {m: _complete(http, m)["choices"][0]["text"] for m in [base, "a"]} == before
 
 
 def test_a_new_registry_folder_is_served_without_redeploying_and_lru_eviction_keeps_answers(app, http):
