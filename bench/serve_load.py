@@ -255,16 +255,6 @@ def plot_ramp(samples: list[dict], path: Path) -> None:
 
 # --- driver ---------------------------------------------------------------------------------
 
-def deploy(run) -> str:
-    from ray import serve
-
-    from serve.app import application
-
-    serve.start(http_options={"host": run.serve.host, "port": run.serve.port})
-    serve.run(application(run), name=run.serve.name, route_prefix=run.serve.route_prefix)
-    return f"http://localhost:{run.serve.port}/v1"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -286,6 +276,8 @@ def main() -> None:
 
     import ray
     from ray import serve
+
+    from serve.app import deploy
 
     ray.init(num_cpus=2)
     if parts & {"overhead", "load", "cold"}:

@@ -133,14 +133,10 @@ def serve_cmd(
     from serve.api import base_model_name
 
     results.print(f"[bold green]serving[/] {url}  models: {', '.join([base_model_name(run), *adapters.names(run.serve)])}", highlight=False)
-    results.print(f"try: curl {url}/models" + (" -H 'Authorization: Bearer $KEY'" if run.serve.api_key or os.environ.get(run.serve.api_key_env) else ""), highlight=False)
+    results.print(f"try: curl {url}/models" + (" -H 'Authorization: Bearer $KEY'" if run.serve.bearer_token() else ""), highlight=False)
     if serve_app.embedded(run):
         console.print("embedded Ray: the app stops with this process (Ctrl-C)", highlight=False)
-        sys.stdout.flush()  # the endpoint must show in a redirected log while the process waits
-        try:
-            serve_app.wait_forever()
-        except KeyboardInterrupt:
-            pass
+        serve_app.wait_forever()
 
 
 @app.command()
@@ -177,11 +173,7 @@ def pipeline(
         if not keep_serving:
             console.print(f"embedded Ray: the app stops now; serve it again with: lorafleet serve --config {config} serve.adapters.{outcome.adapter_name}={outcome.adapter}", highlight=False)
             return
-        sys.stdout.flush()
-        try:
-            serve_app.wait_forever()
-        except KeyboardInterrupt:
-            pass
+        serve_app.wait_forever()
 
 
 AddressOption = Annotated[Optional[str], typer.Option("--address", help="Ray dashboard address; default: RAY_ADDRESS, else http://127.0.0.1:8265.")]

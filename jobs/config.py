@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib.util
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -243,6 +244,10 @@ class ServeSection(Section):
     max_ongoing_requests: int = Field(64, gt=0, description="Requests one model replica accepts at once (at least max_batch_size, or batches never fill).")
     replica_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 1}, description="Ray resources per model replica, e.g. {CPU: 4, GPU: 1}.")
     api_replicas: int = Field(1, gt=0, description="Replicas of the HTTP front (validation, auth, streaming); it holds no model.")
+
+    def bearer_token(self) -> str | None:
+        """The API key in force here: serve.api_key, else the variable named by api_key_env."""
+        return self.api_key.get_secret_value() if self.api_key else os.environ.get(self.api_key_env) or None
 
 
 class RunConfig(Section):

@@ -9,7 +9,6 @@ On an embedded Ray the app ends with the job unless `--keep-serving`; on a clust
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,8 +80,7 @@ def pipeline(run: RunConfig) -> PipelineOutcome:
     name = adapter_name(run)
     serving = best_run.model_copy(update={"serve": run.serve.model_copy(update={"adapters": {**run.serve.adapters, name: str(adapter.resolve())}})})
     endpoint = serve_app.deploy(serving)
-    api_key = serving.serve.api_key.get_secret_value() if serving.serve.api_key else os.environ.get(serving.serve.api_key_env)
-    smoke = smoke_request(endpoint, name, best_run, api_key)
+    smoke = smoke_request(endpoint, name, best_run, serving.serve.bearer_token())
     return PipelineOutcome(adapter=adapter, summary=summary, eval_report=eval_dir / "eval.md", endpoint=endpoint, adapter_name=name, smoke=smoke)
 
 

@@ -56,15 +56,11 @@ def entrypoint(stage: str, config: str | None, overrides: list[str]) -> str:
     """The job's command, after checking the config here (paths as the job will see them)."""
     if stage not in STAGES:
         raise ConfigError([f"STAGE = {stage!r}: unknown stage; use one of {', '.join(STAGES)}"], "submit")
-    args = []
-    if config:
-        path = Path(config).resolve()
-        if not path.is_relative_to(REPO):
-            raise ConfigError([f"--config = {config!r}: the job only sees this repository (its working dir); put the config under {REPO}"], "submit")
-        load_config(path, overrides)
-        args = ["--config", str(path.relative_to(REPO))]
-    else:
-        load_config(None, overrides)
+    path = Path(config).resolve() if config else None
+    if path and not path.is_relative_to(REPO):
+        raise ConfigError([f"--config = {config!r}: the job only sees this repository (its working dir); put the config under {REPO}"], "submit")
+    load_config(path, overrides)
+    args = ["--config", str(path.relative_to(REPO))] if path else []
     return shlex.join(["python", "-m", STAGES[stage], *args, *overrides])
 
 

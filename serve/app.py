@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -108,5 +109,9 @@ def embedded(run: RunConfig) -> bool:
 
 def wait_forever() -> None:
     """Keep an embedded Ray (and with it the app) alive until Ctrl-C."""
-    while True:
-        time.sleep(3600)
+    sys.stdout.flush()  # the endpoint must show in a redirected log while the process waits
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
