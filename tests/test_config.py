@@ -97,9 +97,31 @@ def test_deepspeed_rules(tmp_path, monkeypatch):
         load_config(None, ["training.deepspeed=missing.json"])
 
 
+def test_deepspeed_batch_keys_must_agree_with_training(monkeypatch):
+    _pretend_deepspeed(monkeypatch, installed=True)
+    agreeing = "training.deepspeed={zero_optimization: {stage: 2}, train_micro_batch_size_per_gpu: 4, train_batch_size: 16, gradient_clipping: auto}"
+    assert load_config(None, ["training.batch_size=4", "ray.num_workers=2", "training.gradient_accumulation_steps=2", agreeing])
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["training.batch_size=8", "ray.num_workers=2", agreeing])
+    text = str(err.value)
+    assert "train_micro_batch_size_per_gpu=4 (training.* gives 8)" in text and 'write "auto" or leave them out' in text
+    assert "train_batch_size" not in text and "gradient_clipping" not in text  # 8 x 1 x 2 = 16 agrees; "auto" is left to the Trainer
+
+
+def test_deepspeed_config_leaves_batch_keys_to_the_trainer(tmp_path):
+    from jobs.train import deepspeed_config
+
+    ds = tmp_path / "ds.yaml"
+    ds.write_text("zero_optimization: {stage: 2}\ngradient_clipping: 0.5\n")
+    assert deepspeed_config(None) is None
+    assert deepspeed_config(str(ds)) == {"zero_optimization": {"stage": 2}, "gradient_clipping": 0.5, "train_micro_batch_size_per_gpu": "auto",
+                                         "train_batch_size": "auto", "gradient_accumulation_steps": "auto"}
+    assert deepspeed_config({"train_batch_size": 8})["train_batch_size"] == 8
+
+
 def test_deepspeed_missing_names_the_extra(monkeypatch):
     _pretend_deepspeed(monkeypatch, installed=False)
-    with pytest.raises(ConfigError, match=r"DeepSpeed is not installed: pip install 'lorafleet\[deepspeed\]'"):
+    with pytest.raises(ConfigError, match=r"DeepSpeed is not installed: pip install --no-build-isolation 'deepspeed>=0.19,<0.20'"):
         load_config(None, ["training.deepspeed={zero_optimization: {stage: 2}}"])
 
 

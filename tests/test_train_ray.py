@@ -102,3 +102,28 @@ def test_worker_killed_mid_run_resumes_from_latest_checkpoint(local_ray, tiny_ca
     assert resumed["resumed_from_steps"] == [4] and reference["resumed_from_steps"] == []
     assert "| Resumed after a failure from step | 4 |" in (tmp_path / "resumed" / "report.md").read_text()
     assert resumed["final_eval_loss"] == pytest.approx(reference["final_eval_loss"], rel=1e-3)
+
+
+def test_deepspeed_zero2_with_4bit_on_two_workers(local_ray, tiny_causal, tmp_path):
+    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed (make setup installs it)")
+    out, storage = tmp_path / "out", tmp_path / "storage"
+    run = load_config(None, [
+        f"model.name={tiny_causal}", f"training.output_dir={out}", f"ray.storage_path={storage}", "quantization.mode=4bit",
+        "ray.num_workers=2", "data.demo_rows=96", "training.max_steps=8", "training.eval_steps=8", "training.logging_steps=1",
+        "training.learning_rate=5e-3", "training.batch_size=4", "training.deepspeed={zero_optimization: {stage: 2}}",
+    ])
+    outcome = train(run)
+    assert outcome.metrics["final_train_loss"] < outcome.metrics["first_train_loss"]
+    # ZeRO-2 ran: DeepSpeed's checkpoint has one optimizer partition per rank ...
+    (checkpoint,) = storage.glob("*/checkpoint_*/checkpoint")
+    (zero_dir,) = checkpoint.glob("global_step8")
+    assert {p.name for p in zero_dir.glob("zero_pp_rank_*_optim_states.pt")} == {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}
+    # ... and its model states leave out the frozen 4-bit base weights (only LoRA and quantization constants).
+    states = torch.load(zero_dir / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert any("lora_A" in k for k in states) and not any(k.endswith("base_layer.weight") for k in states)
+    with torch.no_grad():
+        tokenizer = AutoTokenizer.from_pretrained(outcome.adapter_dir)
+        batch = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)([prepare(run.data, tokenizer, "causal", True).eval[i] for i in range(2)])
+        tuned = load_adapter(run, outcome.adapter_dir, CPU, "causal").eval()(**batch).logits
+        base = load_base(run, CPU, "causal").eval()(**batch).logits
+    assert not torch.allclose(tuned, base)
