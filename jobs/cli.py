@@ -49,6 +49,8 @@ def train(config: ConfigOption = None, overrides: Overrides = None) -> None:
     losses = [f"{label} {m[f'first_{key}']:.4f} -> {m[f'final_{key}']:.4f}" for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss")) if m[f"first_{key}"] is not None]
     results.print(f"[bold green]done[/] in {m['job_total_s']} s, {m['steps']} steps: {', '.join(losses) or 'no loss logged'}", highlight=False)
     results.print(f"adapter: {outcome.adapter_dir}\nreport:  {outcome.output_dir / 'report.md'}\nmetrics: {outcome.output_dir / 'metrics.json'}", highlight=False)
+    if outcome.published:
+        results.print(f"copied to {outcome.published}", highlight=False)
 
 
 @app.command()
@@ -76,6 +78,8 @@ def sweep(
         console.print("[bold red]no trial reported the metric[/]; see the failed trials above", highlight=False)
         raise typer.Exit(1)
     results.print(f"best adapter: {outcome.sweep_dir / 'best' / 'adapter'}\nleaderboard:  {outcome.sweep_dir / 'leaderboard.md'}\ntensorboard:  tensorboard --logdir {outcome.sweep_dir}", highlight=False)
+    if outcome.published:
+        results.print(f"copied to {outcome.published}", highlight=False)
 
 
 @app.command("eval")
@@ -169,6 +173,8 @@ def pipeline(
     results.print(f"smoke request ({s['route']}, model {outcome.adapter_name!r}):\n  prompt:    {s['prompt'][:300]!r}\n  answer:    {s['answer']!r}\n"
                   f"  reference: {s['references'][0]!r}", highlight=False, markup=False)
     results.print(f"adapter:  {outcome.adapter}\nreport:   {outcome.summary}\neval:     {outcome.eval_report}\nendpoint: {outcome.endpoint}  (model {outcome.adapter_name!r})", highlight=False)
+    if outcome.published:
+        results.print(f"copied to {outcome.published} (the app loads the adapter from there)", highlight=False)
     if serve_app.embedded(run):
         if not keep_serving:
             console.print(f"embedded Ray: the app stops now; serve it again with: lorafleet serve --config {config} serve.adapters.{outcome.adapter_name}={outcome.adapter}", highlight=False)

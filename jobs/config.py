@@ -118,7 +118,7 @@ class RayConfig(Section):
     num_workers: int = Field(1, gt=0, description="Ray Train workers (one process and one device each).")
     use_gpu: bool = Field(False, description="Give each worker one GPU.")
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1}, description="Ray resources per worker, e.g. {CPU: 4, GPU: 1}.")
-    storage_path: str = Field("runs/ray", description="Checkpoint storage: local folder, s3:// or gs:// URI.")
+    storage_path: str = Field("runs/ray", description="Checkpoints; with an s3:// or gs:// URI also a copy of each finished output folder.")
     max_failures: int = Field(0, ge=-1, description="Worker failures to recover from by resuming the latest checkpoint (-1: unlimited).")
     name: str | None = Field(None, description="Run name in storage; default: the output folder's name.")
 
@@ -223,7 +223,7 @@ class ServeSection(Section):
     port: int = Field(8000, gt=0, lt=65536, description="HTTP port of Serve's proxy.")
     route_prefix: str = Field("/", description="URL prefix of the API (routes are <prefix>v1/...).")
     model_name: str | None = Field(None, description="Name clients use for the base model without adapter; default: the model folder's or hub id's last part.")
-    adapters: dict[str, str] = Field(default_factory=dict, description="Named adapters: {name: PEFT folder}, e.g. {squad: runs/squad-sweep/best/adapter}.")
+    adapters: dict[str, str] = Field(default_factory=dict, description="Named adapters: {name: PEFT folder or s3:// / gs:// URI}, e.g. {squad: runs/squad-sweep/best/adapter}.")
     adapter_root: str | None = Field(None, description="Registry folder, one subfolder per adapter; a folder added there is servable without redeploying.")
     max_adapters_per_replica: int = Field(8, gt=0, description="Adapters kept loaded per replica (least recently used is unloaded).")
     quantization: Literal["as_trained", "none", "4bit", "8bit"] = Field("as_trained", description="Base model precision in replicas; 'as_trained' uses quantization.mode.")
@@ -623,7 +623,7 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
         if isinstance(value, str) and "://" not in value and value != "demo" and (Path(value).exists() or leaf in ("output_dir", "storage_path")):
             raw.setdefault(section, {})[leaf] = str(Path(value).resolve())
     if cfg.serve.adapters:
-        raw["serve"]["adapters"] = {name: str(Path(path).resolve()) for name, path in cfg.serve.adapters.items()}
+        raw["serve"]["adapters"] = {name: path if "://" in path else str(Path(path).resolve()) for name, path in cfg.serve.adapters.items()}
     return RunConfig.model_validate(raw)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from jobs import storage
 from jobs.config import RunConfig, load_config
 from jobs.evaluation import eval_examples, run_eval
 from jobs.model import load_tokenizer, uses_chat_template
@@ -32,6 +33,7 @@ class PipelineOutcome:
     endpoint: str
     adapter_name: str
     smoke: dict
+    published: str | None = None  # the outputs' copy on ray.storage_path (s3:// or gs://), which Serve loads from
 
 
 def adapter_name(run: RunConfig) -> str:
@@ -73,15 +75,21 @@ def smoke_request(endpoint: str, name: str, run: RunConfig, api_key: str | None)
 def pipeline(run: RunConfig) -> PipelineOutcome:
     """Fit, evaluate, deploy, smoke-test: the whole job, top to bottom."""
     from serve import app as serve_app
+    from tune.sweep import EXPERIMENT, TRAIN_RUNS
 
     adapter, best_run, summary = fit(run)
     eval_dir = adapter.parent / "eval"
     run_eval(best_run, adapter, True, eval_dir)
+    # Published again with the eval report; replicas on other nodes load the adapter from there.
+    root = summary.parent
+    published = storage.publish(root, run.ray.storage_path, skip=(TRAIN_RUNS, EXPERIMENT))
+    source = f"{published}/{adapter.relative_to(root).as_posix()}" if published else str(adapter.resolve())
     name = adapter_name(run)
-    serving = best_run.model_copy(update={"serve": run.serve.model_copy(update={"adapters": {**run.serve.adapters, name: str(adapter.resolve())}})})
+    serving = best_run.model_copy(update={"serve": run.serve.model_copy(update={"adapters": {**run.serve.adapters, name: source}})})
     endpoint = serve_app.deploy(serving)
     smoke = smoke_request(endpoint, name, best_run, serving.serve.bearer_token())
-    return PipelineOutcome(adapter=adapter, summary=summary, eval_report=eval_dir / "eval.md", endpoint=endpoint, adapter_name=name, smoke=smoke)
+    return PipelineOutcome(adapter=adapter, summary=summary, eval_report=eval_dir / "eval.md", endpoint=endpoint, adapter_name=name, smoke=smoke,
+                           published=published)
 
 
 if __name__ == "__main__":

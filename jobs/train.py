@@ -27,7 +27,7 @@ import yaml
 from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-from jobs import report
+from jobs import report, storage
 from jobs.config import RunConfig, dump_config
 from jobs.data import PreparedData, prepare
 from jobs.evaluation import task_metrics
@@ -46,6 +46,7 @@ class TrainOutcome:
     output_dir: Path
     adapter_dir: Path
     metrics: dict[str, Any]
+    published: str | None = None  # the copy on ray.storage_path when that is s3:// or gs://
 
 
 class RunInfoCallback(TrainerCallback):
@@ -312,7 +313,8 @@ def train(run: RunConfig) -> TrainOutcome:
     metrics.update(chosen_step=info["chosen_step"], final_step=info["final_step"], checkpoint=info["checkpoint"], kind=kind)
     (output_dir / "metrics.json").write_text(json.dumps({**metrics, "data": data.report, "log_history": info["log_history"]}, indent=2))
     report.write(output_dir, run, metrics, data.report, info["log_history"])
-    return TrainOutcome(output_dir=output_dir, adapter_dir=adapter_dir, metrics=metrics)
+    published = storage.publish(output_dir, run.ray.storage_path)
+    return TrainOutcome(output_dir=output_dir, adapter_dir=adapter_dir, metrics=metrics, published=published)
 
 
 if __name__ == "__main__":

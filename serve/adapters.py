@@ -1,5 +1,6 @@
-"""Where served adapters come from: named folders in the config, or one subfolder per adapter
-in a registry folder that is read at request time (a new subfolder is servable at once).
+"""Where served adapters come from: named folders or s3:// / gs:// URIs in the config (a URI is
+fetched into the replica's local cache on first use), or one subfolder per adapter in a registry
+folder that is read at request time (a new subfolder is servable at once).
 
 A name is one path component (`ADAPTER_NAME`) and its folder must resolve inside the registry,
 so no request can make a replica read outside it; only safetensors weights count as an adapter.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jobs import storage
 from jobs.config import ADAPTER_NAME, ServeSection
 
 WEIGHTS = "adapter_model.safetensors"
@@ -23,6 +25,11 @@ def is_adapter_folder(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file() and (path / WEIGHTS).is_file()
 
 
+def exists(path: str) -> bool:
+    """An adapter folder, local or on an object store (checked there without downloading)."""
+    return storage.has_files(path, (ADAPTER_CONFIG, WEIGHTS)) if storage.is_remote(path) else is_adapter_folder(Path(path))
+
+
 def _in_root(root: Path, name: str) -> Path | None:
     folder = (root / name).resolve()
     return folder if folder.parent == root.resolve() and is_adapter_folder(folder) else None
@@ -33,7 +40,7 @@ def resolve(cfg: ServeSection, name: str) -> Path:
     if not ADAPTER_NAME.match(name):
         raise UnknownAdapter(f"{name[:80]!r} is not a valid adapter name (1-64 letters, digits, '.', '_' or '-')")
     if name in cfg.adapters:
-        folder = Path(cfg.adapters[name])
+        folder = _fetched(name, cfg.adapters[name]) if storage.is_remote(cfg.adapters[name]) else Path(cfg.adapters[name])
         if not is_adapter_folder(folder):
             raise UnknownAdapter(f"adapter {name!r}: {folder} has no {ADAPTER_CONFIG} + {WEIGHTS}")
         return folder
@@ -42,9 +49,16 @@ def resolve(cfg: ServeSection, name: str) -> Path:
     raise UnknownAdapter(f"no adapter named {name!r}; available: {', '.join(names(cfg)) or 'none'}")
 
 
+def _fetched(name: str, uri: str) -> Path:
+    try:
+        return storage.fetch(uri)
+    except OSError as exc:
+        raise UnknownAdapter(f"adapter {name!r}: cannot fetch {uri}: {exc}") from None
+
+
 def names(cfg: ServeSection) -> list[str]:
-    """Every servable adapter name: the configured ones, then the registry's subfolders."""
-    found = [name for name, path in cfg.adapters.items() if is_adapter_folder(Path(path))]
+    """Every servable adapter name: the configured ones (a URI is listed without fetching it), then the registry's subfolders."""
+    found = [name for name, path in cfg.adapters.items() if storage.is_remote(path) or is_adapter_folder(Path(path))]
     root = Path(cfg.adapter_root) if cfg.adapter_root else None
     if root and root.is_dir():
         found += sorted(p.name for p in root.iterdir() if ADAPTER_NAME.match(p.name) and p.name not in found and _in_root(root, p.name))

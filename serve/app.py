@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -66,7 +65,7 @@ def build_app(args: dict[str, Any]) -> Application:
 def check(run: RunConfig) -> None:
     """Fail before Ray starts: the model loads its tokenizer and every named adapter exists."""
     problems = [f"serve.adapters.{name} = {path!r}: no {adapters.ADAPTER_CONFIG} + {adapters.WEIGHTS} there; train or sweep first, or fix the path"
-                for name, path in run.serve.adapters.items() if not adapters.is_adapter_folder(Path(path))]
+                for name, path in run.serve.adapters.items() if not adapters.exists(path)]
     if run.serve.adapter_root and not os.path.isdir(run.serve.adapter_root):
         problems.append(f"serve.adapter_root = {run.serve.adapter_root!r}: no such folder; create it or fix the path")
     if problems:

@@ -15,7 +15,7 @@ from typing import Any
 from ray.tune import ExperimentAnalysis
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
-from jobs import report
+from jobs import report, storage
 from jobs.config import RunConfig, dump_config
 from jobs.train import HF_CHECKPOINT, install_adapter
 from tune.space import planned_steps, trial_config
@@ -152,7 +152,8 @@ def export_best(rows: list[TrialRow], sweep_dir: Path, run: RunConfig, base: dic
     if best is None:
         return None
     best_dir = sweep_dir / "best"
-    install_adapter(Path(best.checkpoint) / HF_CHECKPOINT, best_dir / "adapter")
+    with storage.checkpoint_dir(best.checkpoint, run.ray.storage_path) as checkpoint:
+        install_adapter(checkpoint / HF_CHECKPOINT, best_dir / "adapter")
     trial_run = trial_config(base, best.params, targets, run.tune.lora_alpha_ratio)
     (best_dir / "config.yaml").write_text(dump_config(trial_run))
     lineage = {

@@ -22,6 +22,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
+from jobs import storage
 from jobs.config import ConfigError, RunConfig, dump_config, load_config, sweep_problems, with_absolute_paths
 from jobs.data import prepare
 from jobs.model import load_tokenizer, model_kind, uses_chat_template
@@ -40,6 +41,7 @@ class SweepOutcome:
     sweep_dir: Path
     rows: list[leaderboard.TrialRow]
     summary: dict[str, Any]
+    published: str | None = None  # the results' copy on ray.storage_path when that is s3:// or gs://
 
 
 @dataclass
@@ -94,9 +96,17 @@ def max_concurrent_trials(run: RunConfig) -> int:
     return max(1, min(int(available.get(name, 0) // amount) for name, amount in per_trial.items()))
 
 
+def _train_runs(run: RunConfig, sweep_dir: Path) -> str:
+    """Where the trials' Ray Train runs keep their checkpoints: on an object store when
+    ray.storage_path is one (trials on other nodes write there), else beside the results."""
+    if storage.is_remote(run.ray.storage_path):
+        return f"{run.ray.storage_path.rstrip('/')}/{sweep_dir.name}-{TRAIN_RUNS}"
+    return str(sweep_dir / TRAIN_RUNS)
+
+
 def _trainable(p: SweepPlan, sweep_dir: Path):
     t = p.run.tune
-    fn = tune.with_parameters(run_trial, base=p.base, targets=p.targets, alpha_ratio=t.lora_alpha_ratio, storage=str(sweep_dir / TRAIN_RUNS), score=(t.metric, t.resolved_mode()))
+    fn = tune.with_parameters(run_trial, base=p.base, targets=p.targets, alpha_ratio=t.lora_alpha_ratio, storage=_train_runs(p.run, sweep_dir), score=(t.metric, t.resolved_mode()))
     # The trial only drives its Train run, whose workers hold the CPUs/GPUs; it asks for memory
     # alone (Tune refuses an all-zero request), so a trial on a full node still gets its workers.
     return tune.with_resources(fn, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
@@ -157,7 +167,8 @@ def sweep(run: RunConfig, resume: bool = False) -> SweepOutcome:
     tuner = _tuner(p, sweep_dir, resume)
     tuner.fit()
     rows, summary = write_results(p, sweep_dir, time.time() - started)
-    return SweepOutcome(sweep_dir=sweep_dir, rows=rows, summary=summary)
+    published = storage.publish(sweep_dir, run.ray.storage_path, skip=(TRAIN_RUNS, EXPERIMENT))
+    return SweepOutcome(sweep_dir=sweep_dir, rows=rows, summary=summary, published=published)
 
 
 def resume_config(sweep_dir: Path) -> RunConfig:

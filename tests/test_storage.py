@@ -1,0 +1,133 @@
+"""Outputs on an object store: `ray.storage_path: s3://...` against a local S3 server (moto).
+
+Unit tier first (publish/fetch, Serve's adapter resolution), then the Ray tier: a pipeline
+(train -> eval -> deploy -> smoke request) and a sweep whose checkpoints and results live in S3.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from jobs import storage
+from jobs.config import load_config
+
+BUCKET = "lorafleet-test"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A local S3 endpoint (moto) that pyarrow, Ray and Serve replicas reach through AWS_ENDPOINT_URL."""
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "LORAFLEET_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    yield f"s3://{BUCKET}"
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _remote_files(uri: str) -> set[str]:
+    fs, root = pafs.FileSystem.from_uri(uri)
+    return {info.path[len(root) + 1:] for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)) if info.type == pafs.FileType.File}
+
+
+def _folder(path: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    return path
+
+
+def test_local_storage_publishes_nothing(tmp_path):
+    assert storage.publish(_folder(tmp_path / "run", {"a.txt": "x"}), str(tmp_path / "ray")) is None
+    assert not storage.is_remote("runs/ray") and storage.is_remote("s3://b/p") and storage.is_remote("gs://b/p")
+
+
+def test_publish_then_fetch_round_trip(s3, tmp_path):
+    run_dir = _folder(tmp_path / "run", {"adapter/adapter_config.json": "{}", "adapter/adapter_model.safetensors": "w1", "report.md": "r",
+                                         "checkpoints/big.bin": "skip me"})
+    uri = storage.publish(run_dir, f"{s3}/runs", skip=("checkpoints",))
+    assert uri == f"{s3}/runs/run"
+    assert _remote_files(uri) == {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "report.md"}
+
+    first = storage.fetch(f"{uri}/adapter", tmp_path / "cache")
+    assert (first / "adapter_model.safetensors").read_text() == "w1"
+    assert storage.fetch(f"{uri}/adapter", tmp_path / "cache") == first, "an unchanged adapter is downloaded once"
+
+    # A second run under the same name replaces the first one's files, and readers get the new version
+    # (told apart by size and modification time, which S3 keeps to the second).
+    time.sleep(1.1)
+    _folder(run_dir, {"adapter/adapter_model.safetensors": "w2"})
+    (run_dir / "report.md").unlink()
+    storage.publish(run_dir, f"{s3}/runs", skip=("checkpoints",))
+    assert "report.md" not in _remote_files(uri)
+    second = storage.fetch(f"{uri}/adapter", tmp_path / "cache")
+    assert second != first and (second / "adapter_model.safetensors").read_text() == "w2"
+    assert not list((tmp_path / "cache").glob(".fetch-*")), "no staging folder left behind"
+
+    with pytest.raises(FileNotFoundError, match="no files there"):
+        storage.fetch(f"{s3}/runs/absent", tmp_path / "cache")
+
+
+def test_serve_resolves_a_remote_adapter(s3, tmp_path):
+    from serve import adapters
+
+    uri = storage.publish(_folder(tmp_path / "remote-run", {"adapter/adapter_config.json": "{}", "adapter/adapter_model.safetensors": "w"}), f"{s3}/runs")
+    cfg = load_config(None, [f"serve.adapters={{good: {uri}/adapter, gone: {s3}/runs/nothing/adapter}}"]).serve
+    assert cfg.adapters["good"] == f"{uri}/adapter", "URIs are kept as they are, not made into local paths"
+    folder = adapters.resolve(cfg, "good")
+    assert adapters.is_adapter_folder(folder) and str(folder).startswith(os.environ["LORAFLEET_CACHE"])
+    with pytest.raises(adapters.UnknownAdapter, match="adapter 'gone': cannot fetch"):
+        adapters.resolve(cfg, "gone")
+    assert adapters.names(cfg) == ["good", "gone"]
+    assert adapters.exists(f"{uri}/adapter") and not adapters.exists(f"{s3}/runs/nothing/adapter")
+
+
+@pytest.mark.ray
+def test_pipeline_and_sweep_keep_everything_in_s3(s3, tiny_causal, tmp_path):
+    import ray
+    from ray import serve
+
+    from jobs.pipeline import pipeline
+    from tune.sweep import sweep
+
+    common = [f"model.name={tiny_causal}", f"ray.storage_path={s3}/runs", "data.demo_rows=96", "training.max_steps=6", "training.eval_steps=3",
+              "training.logging_steps=3", "training.batch_size=4", "training.learning_rate=5e-3", "ray.resources_per_worker={CPU: 1}"]
+    ray.init(num_cpus=2)
+    try:
+        run = load_config(None, [*common, f"training.output_dir={tmp_path / 'piped'}", "eval.max_new_tokens=4", "serve.replica_resources={CPU: 0.5}",
+                                 "serve.port=8765"])
+        outcome = pipeline(run)
+        serve.shutdown()
+        # Ray Train's checkpoints, the published outputs (with the eval report), and the deployed adapter's source.
+        assert outcome.published == f"{s3}/runs/piped"
+        published = _remote_files(outcome.published)
+        assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "report.md", "metrics.json", "eval/eval.md"} <= published
+        assert any(name.endswith("checkpoint/adapter_model.safetensors") for name in _remote_files(f"{s3}/runs") if name.startswith("piped-"))
+        assert outcome.smoke["finish_reason"] in ("stop", "length")
+
+        swept = sweep(load_config(None, [*common, f"tune.output_dir={tmp_path / 'swept'}", "tune.num_samples=2", "tune.max_concurrent_trials=1",
+                                         "tune.learning_rate=[1e-4, 1e-2]"]))
+        assert swept.summary["best"] is not None and swept.published == f"{s3}/runs/swept"
+        assert {"leaderboard.csv", "leaderboard.md", "sweep.json", "best/adapter/adapter_model.safetensors", "best/lineage.json"} <= _remote_files(swept.published)
+        trial_checkpoints = _remote_files(f"{s3}/runs/swept-checkpoints")
+        assert sum(name.endswith("checkpoint/adapter_model.safetensors") for name in trial_checkpoints) >= 2, "each trial checkpointed to S3"
+        lineage = json.loads((tmp_path / "swept" / "best" / "lineage.json").read_text())
+        assert lineage["checkpoint"].startswith(f"{BUCKET}/runs/swept-checkpoints/"), "the best adapter came from the remote checkpoint"
+    finally:
+        ray.shutdown()
