@@ -17,6 +17,7 @@ import shlex
 import tomllib
 from pathlib import Path
 
+from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from jobs.config import ConfigError, load_config
@@ -29,14 +30,11 @@ PASSED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "
 EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache"]
 
 
-def enable_token_auth() -> None:
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
-        os.environ["RAY_AUTH_MODE"] = "token"
-
-
 def client(address: str | None) -> JobSubmissionClient:
-    enable_token_auth()
+    # With RAY_AUTH_MODE unset, Ray's own rule: token mode when RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    # ~/.ray/auth_token holds a token. It also refreshes Ray's cached config: setting the variable alone
+    # comes too late once ray is imported, and the request goes out without the token.
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     return JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS)
 
 

@@ -66,6 +66,22 @@ def test_lorafleet_submit_reports_a_failed_job_and_its_error(cluster, tiny_causa
     assert job_id in listed.stdout
 
 
+def test_submit_install_runs_the_job_in_a_pip_runtime_env(cluster, tiny_causal, tmp_path):
+    """--install: Ray's pip plugin builds a virtualenv with the pinned dependencies and the job runs
+    in it. RAY_AUTH_MODE is left unset, as a user would: lorafleet finds the token `ray start` wrote."""
+    address, env = cluster
+    env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+    lorafleet = shutil.which("lorafleet", path=str(BIN))
+    out = tmp_path / "train"
+    done = subprocess.run([lorafleet, "submit", "train", "--install", "--address", address, "--config", "configs/demo.yaml", *_overrides(tiny_causal, out)],
+                          env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "SUCCEEDED" in done.stderr and (out / "adapter" / "adapter_model.safetensors").is_file()
+    venvs = list(Path("/tmp/ray/session_latest/runtime_resources/pip").glob("*/virtualenv/bin/python"))
+    assert venvs, "no pip runtime env was built"
+    assert "runtime_resources/pip/" in done.stdout + done.stderr, "the job's workers ran from the pip virtualenv"
+
+
 def test_a_bad_config_is_refused_before_anything_is_submitted(cluster):
     address, env = cluster
     lorafleet = shutil.which("lorafleet", path=str(BIN))
