@@ -555,7 +555,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 break
             node = child
         else:
-            node[leaf] = yaml.safe_load(value) if value.strip() else None
+            try:
+                node[leaf] = yaml.safe_load(value) if value.strip() else None
+            except yaml.YAMLError as exc:
+                reason = str(exc).splitlines()[0]
+                problems.append(_problem(key.strip(), value, f"not a YAML value ({reason}); quote the whole override in the shell, e.g. 'ray.resources_per_worker={{CPU: 4}}'"))
     if problems:
         raise ConfigError(problems, "overrides")
     return raw

@@ -146,3 +146,12 @@ def test_eval_rules():
         load_config(None, ["eval.json_schema={type: object}", "eval.during_training_samples=8"])
     assert "add json to eval.metrics" in str(err.value) and "set eval.metrics (e.g. [squad])" in str(err.value)
     assert load_config(None, ["eval.metrics=[json]", "eval.json_schema={type: object}", "eval.during_training_samples=8"]).eval.during_training_samples == 8
+
+
+def test_an_override_cut_up_by_the_shell_is_reported_not_raised():
+    # `ray.resources_per_worker={CPU: 4, GPU: 1}` unquoted: the shell passes three words
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["ray.resources_per_worker={CPU:", "4,", "GPU:", "1}"])
+    text = str(err.value)
+    assert "ray.resources_per_worker = '{CPU:': not a YAML value" in text and "quote the whole override" in text
+    assert text.count("write overrides as dotted.key=value") == 3
