@@ -134,6 +134,8 @@ class Gateway:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"the body is not valid JSON ({exc}); send a JSON object such as {{\"model\": ..., ...}}") from None
+        except RecursionError:  # e.g. 10,000 nested brackets
+            raise ApiError(400, "the body's JSON is nested too deeply; send a flat request object") from None
         if not isinstance(data, dict):
             raise ApiError(400, f"the body is a JSON {type(data).__name__}; send a JSON object")
         try:

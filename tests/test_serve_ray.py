@@ -216,3 +216,57 @@ def test_queue_overload_mode_waits_instead_of_refusing(app):
         with ThreadPoolExecutor(6) as pool:  # six at once through one slot
             codes = list(pool.map(lambda _: client.post("/completions", json={"model": base, "prompt": PROMPT, "max_tokens": 32}).status_code, range(6)))
     assert codes == [200] * 6
+
+
+# Hostile input: at least 2,000 generated requests, none may get a 5xx.
+HOSTILE_NAMES = ["..", "../a", "../registry/b", "a/../../etc/passwd", "/etc/passwd", "%2e%2e%2fb", "a\x00b", "\ud800", "b/", ".b", "~root",
+                 "a\\..\\b", "CON", "", " ", "é" * 70, "a" * 10_000, "registry/b", "b\n"]
+EDGE_NUMBERS = [0, -1, 1, 64, 65, 10**6, 2**63, -(2**63), 2**64 + 1, 1e308, -1e-308, float("inf"), float("-inf"), float("nan"), -0.0, True, None, "8", [8]]
+EDGE_TEXT = ["", "\x00", "\u202e\u202d", "\ufeff", "\U0001f600" * 100, "\ud83d", "a" * 200_000, "<|im_end|>", "</s>" * 50, "\r\n" * 100, "{{ x }}"]
+
+
+def _hostile_strategies():
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(st.characters(codec=None), max_size=30)
+    any_json = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=12)
+    value = st.sampled_from(EDGE_NUMBERS) | st.sampled_from(EDGE_TEXT) | st.sampled_from(HOSTILE_NAMES) | any_json
+    model = st.sampled_from(["a", "b", "t5", "narrow", "nope", *HOSTILE_NAMES]) | value
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "robot"]) | value, "content": st.text(max_size=40) | value})
+    optional = {key: value for key in ("max_tokens", "temperature", "top_p", "stop", "stream", "n", "seed", "logprobs", "echo", "user", "suffix")}
+    completion = st.fixed_dictionaries({"model": model, "prompt": st.text(max_size=40) | value}, optional=optional)
+    chat = st.fixed_dictionaries({"model": model, "messages": st.lists(message, max_size=3) | value}, optional=optional)
+    as_json = (completion | chat | any_json).map(lambda body: json.dumps(body).encode())
+    body = as_json | st.binary(max_size=300) | st.sampled_from([b"", b"{", b"\xff\xfe{}", b'{"model": "a", "prompt": "' + b"x" * 3_000_000 + b'"}', b"[" * 10_000])
+    route = st.sampled_from(["/v1/completions"] * 8 + ["/v1/chat/completions"] * 8 + ["/v1/models", "/v1/models/a", "/v1/../healthz", "/v1/%2e%2e/%2e%2e/etc/passwd",
+                             "/v1/completions/../../x", "/v1/completions%00", "/secure/v1/completions", "/" + "a" * 5000, "/v1//chat//completions"])
+    method = st.sampled_from(["POST"] * 20 + ["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
+    headers = st.fixed_dictionaries({}, optional={"content-type": st.sampled_from(["application/json", "text/plain", "multipart/form-data", "x" * 500]),
+                                                  "authorization": st.sampled_from(["Bearer", "Bearer x", "Bearer " + "x" * 5000, "Basic Zm9vOmJhcg==", KEY])})
+    return st.tuples(method, route, body, headers)
+
+
+def test_hostile_requests_never_get_a_5xx(app):
+    from hypothesis import HealthCheck, given, settings
+
+    sent, statuses = [], {}
+    base = f"http://localhost:{app['port']}"
+    with httpx.Client(base_url=base, timeout=120) as client:
+
+        @settings(max_examples=2000, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+        @given(_hostile_strategies())
+        def fuzz(request):
+            method, route, body, headers = request
+            response = client.request(method, route, content=body, headers=headers)
+            sent.append(1)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            assert response.status_code < 500, (method, route, body[:300], headers, response.status_code, response.text[:500])
+            if response.status_code >= 400 and method != "HEAD":
+                assert "error" in response.json(), response.text[:300]
+
+        fuzz()
+        assert len(sent) >= 2000, len(sent)
+        assert set(statuses) - {200, 400, 401, 404, 405, 413, 429} == set(), statuses
+        assert statuses.get(200, 0) >= 10 and statuses.get(400, 0) >= 500, statuses  # both valid and refused requests were generated
+        after = client.post("/v1/completions", json={"model": "a", "prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+        assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 4
