@@ -166,8 +166,11 @@ def to_examples(raw: RawData, cfg: DataConfig, fmt: str) -> tuple[list[dict[str,
     for number, record in raw.rows:
         record = {cfg.columns.get(k, k): v for k, v in record.items()}
         empty = [name for name in needed if record.get(name) is None or not str(record.get(name)).strip()]
-        if empty:
+        # Numbers read as text; a list or an object would be trained on as its Python repr.
+        nested = [name for name in needed if name not in empty and isinstance(record[name], (list, dict))]
+        if empty or nested:
             bad.extend(BadRow(number, name, "missing or empty") for name in empty)
+            bad.extend(BadRow(number, name, f"a {type(record[name]).__name__}, expected text") for name in nested)
             continue
         target = str(record[target_column])
         examples.append({
