@@ -92,12 +92,17 @@ def test_a_bad_config_is_refused_before_anything_is_submitted(cluster):
 
 
 def test_the_pipeline_job_trains_evaluates_deploys_and_answers(cluster, tiny_causal, tmp_path):
+    """Also the secret check: the API key, given in the config file, appears in no output, report,
+    saved config, job log or Ray log of the run, and the deployed app insists on it."""
     address, env = cluster
     out = tmp_path / "pipeline"
     port = _free_port()
+    secret = "sk-lorafleet-0123456789-do-not-log"
+    config = tmp_path / "with-key.yaml"
+    config.write_text((REPO / "configs" / "demo.yaml").read_text() + f"serve:\n  api_key: {secret}\n")
     done = subprocess.run([BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
                            "--runtime-env-json", '{"env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}}',
-                           "--", "python", "-m", "jobs.pipeline", "--config", "configs/demo.yaml", *_overrides(tiny_causal, out),
+                           "--", "python", "-m", "jobs.pipeline", "--config", str(config), *_overrides(tiny_causal, out),
                            "eval.max_new_tokens=8", f"serve.port={port}", "serve.replica_resources={CPU: 0.5}"],
                           env=env, capture_output=True, text=True, timeout=600)
     log = done.stdout + done.stderr
@@ -107,5 +112,13 @@ def test_the_pipeline_job_trains_evaluates_deploys_and_answers(cluster, tiny_cau
     assert "smoke request (/chat/completions, model 'pipeline')" in log and f"endpoint: http://localhost:{port}/v1" in log
     import httpx
 
-    models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()  # on a cluster the app outlives the job
+    url = f"http://127.0.0.1:{port}/v1/models"  # on a cluster the app outlives the job
+    assert httpx.get(url, timeout=30).status_code == 401
+    models = httpx.get(url, headers={"Authorization": f"Bearer {secret}"}, timeout=30).json()
     assert "pipeline" in [m["id"] for m in models["data"]]
+
+    assert secret not in log
+    written = [p for p in [*out.parent.rglob("*"), *Path("/tmp/ray/session_latest/logs").rglob("*")] if p.is_file() and p != config]
+    assert len(written) > 20
+    leaks = [str(p) for p in written if secret.encode() in p.read_bytes()]
+    assert not leaks, leaks
