@@ -272,10 +272,13 @@ def install_adapter(hf_checkpoint: Path, adapter_dir: Path) -> None:
     adapter_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix=f".{adapter_dir.name}-"))
     staging.chmod(0o755)  # mkdtemp makes it owner-only; the adapter is read by Serve and other users
-    for item in hf_checkpoint.iterdir():
-        if item.name in ADAPTER_FILES or item.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges", "spiece")):
-            shutil.copy2(item, staging / item.name)
-    _replace_dir(staging, adapter_dir)
+    try:
+        for item in hf_checkpoint.iterdir():
+            if item.name in ADAPTER_FILES or item.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges", "spiece")):
+                shutil.copy2(item, staging / item.name)
+        _replace_dir(staging, adapter_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when the swap happened
 
 
 def export(result: ray.train.Result, run: RunConfig, output_dir: Path, has_eval: bool) -> tuple[Path, dict[str, Any]]:

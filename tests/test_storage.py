@@ -131,3 +131,45 @@ def test_pipeline_and_sweep_keep_everything_in_s3(s3, tiny_causal, tmp_path):
         assert lineage["checkpoint"].startswith(f"{BUCKET}/runs/swept-checkpoints/"), "the best adapter came from the remote checkpoint"
     finally:
         ray.shutdown()
+
+
+def test_a_crash_while_writing_never_leaves_a_half_adapter_where_readers_look(s3, tmp_path, monkeypatch):
+    from serve import adapters
+    from jobs.train import install_adapter
+
+    checkpoint = _folder(tmp_path / "ckpt", {"adapter_config.json": "{}", "adapter_model.safetensors": "new", "tokenizer.json": "{}"})
+    target = _folder(tmp_path / "run" / "adapter", {"adapter_config.json": "{}", "adapter_model.safetensors": "old"})
+    real_copy2 = storage.shutil.copy2
+    calls = []
+
+    def dies_on_second_file(src, dst, *args, **kwargs):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_copy2(src, dst, *args, **kwargs)
+
+    # Local install: the old adapter stays whole, and no staging folder is left beside it.
+    monkeypatch.setattr("jobs.train.shutil.copy2", dies_on_second_file)
+    with pytest.raises(OSError, match="disk full"):
+        install_adapter(checkpoint, target)
+    monkeypatch.undo()
+    assert (target / "adapter_model.safetensors").read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["adapter"]
+
+    # Upload to the store: dies before adapter_config.json (always last), so readers find no adapter, not half of one.
+    real_copy = storage.pafs.copy_files
+    monkeypatch.setattr(storage.pafs, "copy_files", lambda src, dst, **kw: (_ for _ in ()).throw(OSError("connection reset")) if dst.endswith("adapter_config.json") else real_copy(src, dst, **kw))
+    with pytest.raises(OSError, match="connection reset"):
+        storage.publish(tmp_path / "run", f"{s3}/crash")
+    uri = f"{s3}/crash/run/adapter"
+    assert "adapter/adapter_model.safetensors" in _remote_files(f"{s3}/crash/run") and not adapters.exists(uri)
+    monkeypatch.undo()
+
+    # Download: dies halfway, so nothing lands in the cache; the next fetch gets the whole adapter.
+    storage.publish(tmp_path / "run", f"{s3}/crash")
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(storage.pafs, "copy_files", lambda *a, **kw: (_ for _ in ()).throw(OSError("connection reset")))
+    with pytest.raises(OSError, match="connection reset"):
+        storage.fetch(uri, cache)
+    monkeypatch.undo()
+    assert list(cache.iterdir()) == []
+    assert adapters.is_adapter_folder(storage.fetch(uri, cache))
