@@ -233,6 +233,7 @@ class ServeSection(Section):
     max_tokens_limit: int = Field(1024, gt=0, description="Largest max_tokens a request may ask for (larger is a 400 that says so).")
     max_concurrent_requests: int = Field(64, gt=0, description="Requests in flight per API replica before overload applies.")
     overload: Literal["reject", "queue"] = Field("reject", description="Past max_concurrent_requests: answer 429 at once, or queue until a slot frees.")
+    replica_loss_retries: int = Field(2, ge=0, le=10, description="Times a request is sent again when its model replica dies before answering (0: fail it).")
     api_key: SecretStr | None = Field(None, description="Bearer token required on every route but /healthz (prefer api_key_env: files get shared).")
     api_key_env: str = Field("LORAFLEET_API_KEY", description="Environment variable holding the bearer token; used when api_key is unset.")
     min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest model replicas.")

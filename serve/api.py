@@ -10,6 +10,7 @@ and hands the request to an engine replica chosen by Serve for the adapter
 import asyncio
 import hmac
 import json
+import logging
 import os
 from dataclasses import asdict
 
@@ -18,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
@@ -27,6 +29,7 @@ from serve import adapters, protocol
 from serve.engine import AdapterLoadError
 from serve.generation import GenRequest
 
+log = logging.getLogger("ray.serve")
 MAX_BODY_BYTES = 2 * 1024**2
 FALLBACK_CONTEXT = 2048  # models that state no context size (T5's relative positions)
 
@@ -188,19 +191,30 @@ class Gateway:
         await self._enter()
         try:
             if body.stream:
-                stream = self.engine.options(stream=True, multiplexed_model_id=adapter or "").stream.remote(gen)
-                first = await self._engine_call(stream.__anext__())  # adapter errors still become a 4xx here
+                stream, first = await self._engine_call(lambda: self._open_stream(gen, adapter))  # adapter errors still become a 4xx here
                 return StreamingResponse(self._events(stream, first, body.model, chat), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-            result = await self._engine_call(self.engine.options(multiplexed_model_id=adapter or "").complete.remote(gen))
+            result = await self._engine_call(lambda: self.engine.options(multiplexed_model_id=adapter or "").complete.remote(gen))
         except BaseException:
             self._leave()
             raise
         self._leave()
         return protocol.completion(body.model, result["text"], result["finish"], len(prompt_ids), result["completion_tokens"], chat)
 
-    async def _engine_call(self, awaitable):
+    async def _open_stream(self, gen: dict, adapter: str | None):
+        stream = self.engine.options(stream=True, multiplexed_model_id=adapter or "").stream.remote(gen)
+        return stream, await stream.__anext__()
+
+    async def _engine_call(self, call):
+        """`call()` is sent again when the replica serving it dies first (nothing reached the client yet);
+        Serve routes the retry to a live replica, or holds it until a replacement is up."""
         try:
-            return await awaitable
+            for retry in range(self.cfg.replica_loss_retries + 1):
+                try:
+                    return await call()
+                except (RayActorError, ActorUnavailableError) as exc:
+                    if retry == self.cfg.replica_loss_retries:
+                        raise
+                    log.warning("model replica lost (%s); sending the request again (%d of %d)", type(exc).__name__, retry + 1, self.cfg.replica_loss_retries)
         except adapters.UnknownAdapter as exc:  # removed from the registry since the check
             raise ApiError(404, str(exc), param="model", code="model_not_found") from None
         except AdapterLoadError as exc:

@@ -81,3 +81,22 @@ def test_adapter_init_follows_the_training_seed(tiny_causal, tmp_path):
 
     assert torch.equal(lora_a(1), lora_a(1))
     assert not torch.equal(lora_a(1), lora_a(2))
+
+
+def test_remote_code_in_a_checkpoint_is_never_run_unless_the_config_allows_it(tiny_causal, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "with-code"
+    shutil.copytree(tiny_causal, folder)
+    marker = tmp_path / "code-ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import LlamaConfig as EvilConfig, LlamaForCausalLM as EvilModel\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    config["model_type"] = "evil-llama"  # an architecture only the shipped code knows
+    (folder / "config.json").write_text(json.dumps(config))
+    run = load_config(None, [f"model.name={folder}", "quantization.mode=none"])
+    assert run.model.trust_remote_code is False
+    with pytest.raises(Exception, match="trust_remote_code"):
+        load_base(run, torch.device("cpu"), "causal")
+    assert not marker.exists()
