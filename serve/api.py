@@ -213,7 +213,8 @@ class Gateway:
                     return await call()
                 except (RayActorError, ActorUnavailableError) as exc:
                     if retry == self.cfg.replica_loss_retries:
-                        raise
+                        raise ApiError(503, f"the model replica serving this request was lost ({type(exc).__name__}); retry it", "server_error",
+                                       code="replica_lost") from None
                     log.warning("model replica lost (%s); sending the request again (%d of %d)", type(exc).__name__, retry + 1, self.cfg.replica_loss_retries)
         except adapters.UnknownAdapter as exc:  # removed from the registry since the check
             raise ApiError(404, str(exc), param="model", code="model_not_found") from None
