@@ -39,6 +39,7 @@ bench: model
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/sweep_efficiency.py
 	$(BIN)/python bench/serve_load.py
+	$(BIN)/python bench/serve_faults.py
 
 clean:
 	rm -rf runs .pytest_cache
