@@ -39,6 +39,7 @@ def test_kuberay_rayjob_runs_a_valid_lorafleet_command():
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     spec, cluster = job["spec"], job["spec"]["rayClusterSpec"]
     assert cluster["rayVersion"] == ray.__version__
+    assert cluster["authOptions"]["mode"] == "token", "Ray's token authentication stays on"
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     images = {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
     assert len(images) == 1 and images.pop().endswith(f":{ray.__version__}-py311-gpu")
