@@ -16,6 +16,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+GREEDY_BELOW = 1e-3  # temperatures under this decode greedily
 
 
 @dataclass
@@ -99,7 +100,8 @@ def generate_kwargs(requests: list[GenRequest], tokenizer, kind: str, device, pr
     finally:
         tokenizer.padding_side = side
     first = requests[0]
-    sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p} if first.temperature > 0 else {"do_sample": False}
+    # A tiny temperature (say 1e-308) overflows logits / temperature to inf; its limit is greedy decoding anyway.
+    sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p} if first.temperature >= GREEDY_BELOW else {"do_sample": False}
     kwargs = {**inputs, **sampling, "max_new_tokens": max(r.max_tokens for r in requests), "stopping_criteria": StoppingCriteriaList([progress]),
               "pad_token_id": tokenizer.pad_token_id, "use_cache": True}
     if mixed_adapters:  # PEFT routes each row through its own adapter in the same forward pass

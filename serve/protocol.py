@@ -31,7 +31,7 @@ class Sampling(BaseModel):
     model: str = Field(min_length=1, max_length=256, description="Adapter name, or the base model's name.")
     max_tokens: int | None = Field(None, description="Tokens to generate at most (bounded by the server's limit).")
     max_completion_tokens: int | None = Field(None, description="Newer name for max_tokens (chat).")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy decoding.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 (or below 0.001) is greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the generation (cut from the output).")
     stream: bool = Field(False, description="Answer as server-sent events.")

@@ -243,7 +243,13 @@ def _hostile_strategies():
     method = st.sampled_from(["POST"] * 20 + ["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
     headers = st.fixed_dictionaries({}, optional={"content-type": st.sampled_from(["application/json", "text/plain", "multipart/form-data", "x" * 500]),
                                                   "authorization": st.sampled_from(["Bearer", "Bearer x", "Bearer " + "x" * 5000, "Basic Zm9vOmJhcg==", KEY])})
-    return st.tuples(method, route, body, headers)
+    hostile = st.tuples(method, route, body, headers)
+    # Valid requests with edge-case text, so that generation runs between the hostile ones.
+    prompt = st.text(st.characters(codec="utf-8"), min_size=1, max_size=40) | st.sampled_from(["\U0001f600" * 20, "\u202e\u202dabc", "\ufeffhi", "</s> <|im_end|>"])
+    valid_body = st.fixed_dictionaries({"model": st.sampled_from(["a", "b", "narrow"]), "prompt": prompt, "max_tokens": st.integers(1, 4)},
+                                       optional={"temperature": st.floats(0, 2), "stop": st.lists(st.text(min_size=1, max_size=5), max_size=4)})
+    valid = st.tuples(st.just("POST"), st.just("/v1/completions"), valid_body.map(lambda b: json.dumps(b).encode()), st.just({"content-type": "application/json"}))
+    return st.sampled_from(["hostile"] * 19 + ["valid"]).flatmap(lambda kind: valid if kind == "valid" else hostile)  # about 1 in 20 valid
 
 
 def test_hostile_requests_never_get_a_5xx(app):
@@ -267,6 +273,7 @@ def test_hostile_requests_never_get_a_5xx(app):
         fuzz()
         assert len(sent) >= 2000, len(sent)
         assert set(statuses) - {200, 400, 401, 404, 405, 413, 429} == set(), statuses
-        assert statuses.get(200, 0) >= 10 and statuses.get(400, 0) >= 500, statuses  # both valid and refused requests were generated
+        print("statuses of the hostile requests:", dict(sorted(statuses.items())))
+        assert statuses.get(200, 0) >= 40 and statuses.get(400, 0) >= 500, statuses  # both valid and refused requests were generated
         after = client.post("/v1/completions", json={"model": "a", "prompt": PROMPT, "max_tokens": 4, "temperature": 0})
         assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 4
