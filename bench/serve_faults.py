@@ -25,16 +25,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
+from serve_load import replica_count  # bench/ is this script's folder
 
 PROMPT = "Write a long story about a robot who learns to paint."
 APP = "faults"
-
-
-def engine_replicas(state: str = "RUNNING") -> int:
-    from ray import serve
-
-    status = serve.status().applications.get(APP)
-    return int(status.deployments["Engine"].replica_states.get(state, 0)) if status else 0
 
 
 def kill_one_engine_replica() -> str:
@@ -55,7 +49,7 @@ def run_phase(retries: int, args) -> dict:
     run = load_config(None, ["quantization.mode=none", f"serve.name={APP}", "serve.min_replicas=2", "serve.max_replicas=2", "serve.replica_resources={CPU: 1}",
                              "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.05", f"serve.replica_loss_retries={retries}", f"serve.port={args.port}"])
     url = deploy(run)
-    while engine_replicas() < 2:
+    while replica_count(APP) < 2:
         time.sleep(0.5)
     results, stop = [], threading.Event()
     body = {"model": "smollm2-135m-instruct", "prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 0}
@@ -76,9 +70,9 @@ def run_phase(retries: int, args) -> dict:
         thread.start()
     time.sleep(args.kill_at)
     killed_at, victim = time.time(), kill_one_engine_replica()
-    while engine_replicas() >= 2 and time.time() - killed_at < 60:  # Serve notices the loss ...
+    while replica_count(APP) >= 2 and time.time() - killed_at < 60:  # Serve notices the loss ...
         time.sleep(0.2)
-    while engine_replicas() < 2 and time.time() - killed_at < 300:  # ... and runs a replacement
+    while replica_count(APP) < 2 and time.time() - killed_at < 300:  # ... and runs a replacement
         time.sleep(0.2)
     recovered_s = time.time() - killed_at
     time.sleep(max(0.0, start + args.seconds - time.time()))

