@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -22,6 +24,16 @@ ConfigOption = Annotated[Optional[str], typer.Option("--config", "-c", help="Run
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. training.learning_rate=1e-4 lora.r=16", show_default=False)]
 
 
+@contextmanager
+def _exit_on(errors: tuple[type[BaseException], ...], code: int = 2, label: str = "error") -> Iterator[None]:
+    """A known failure ends the command with one readable line and an exit code, not a traceback."""
+    try:
+        yield
+    except errors as exc:
+        console.print(f"[bold red]{label}:[/] {exc}", highlight=False)
+        raise typer.Exit(code) from None
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Tokenizers' thread pool deadlocks in processes forked by Ray and the DataLoader.
@@ -36,15 +48,8 @@ def train(config: ConfigOption = None, overrides: Overrides = None) -> None:
     from jobs.train import train as run_training
 
     _setup_logging()
-    try:
-        run = load_config(config, overrides or [])
-        outcome = run_training(run)
-    except (ConfigError, DataError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
-    except TrainingFailedError as exc:
-        console.print(f"[bold red]training failed:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+    with _exit_on((TrainingFailedError,), 1, "training failed"), _exit_on((ConfigError, DataError)):
+        outcome = run_training(load_config(config, overrides or []))
     m = outcome.metrics
     losses = [f"{label} {m[f'first_{key}']:.4f} -> {m[f'final_{key}']:.4f}" for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss")) if m[f"first_{key}"] is not None]
     results.print(f"[bold green]done[/] in {m['job_total_s']} s, {m['steps']} steps: {', '.join(losses) or 'no loss logged'}", highlight=False)
@@ -64,14 +69,11 @@ def sweep(
     from tune.sweep import sweep as run_sweep
 
     _setup_logging()
-    try:
+    with _exit_on((ConfigError, DataError)):
         if resume and (config or overrides):
             raise ConfigError([f"--resume = {str(resume)!r}: a sweep resumes with the config it started with ({resume}/sweep.yaml); drop --config and overrides"])
         run = resume_config(resume) if resume else load_config(config, overrides or [])
         outcome = run_sweep(run, resume=resume is not None)
-    except (ConfigError, DataError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
     s = outcome.summary
     results.print((outcome.sweep_dir / "leaderboard.md").read_text().split("## Metric curves")[0], highlight=False, markup=False)
     if s["best"] is None:
@@ -96,7 +98,7 @@ def evaluate(
     from jobs.evaluation import run_eval
 
     _setup_logging()
-    try:
+    with _exit_on((ConfigError, DataError, FileNotFoundError)):
         run = load_config(config, overrides or [])
         if baseline and (adapter or skip_base):
             raise ConfigError([f"--baseline: evaluates the base model alone; drop --adapter/--skip-base (got adapter={adapter}, skip_base={skip_base})"])
@@ -106,9 +108,6 @@ def evaluate(
                 raise ConfigError([f"--adapter = {str(adapter)!r}: no such folder; train first, pass --adapter DIR, or use --baseline"])
         output_dir = output or Path(run.training.output_dir) / "eval"
         run_eval(run, None if baseline else adapter, not skip_base, output_dir, predictions)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
     results.print((output_dir / "eval.md").read_text().split("## Failed generations")[0], highlight=False, markup=False)
     results.print(f"report: {output_dir / 'eval.md'}" + (f"\npredictions: {predictions}" if predictions else ""), highlight=False)
 
@@ -123,16 +122,13 @@ def serve_cmd(
     from serve import app as serve_app
 
     _setup_logging()
-    try:
+    with _exit_on((ConfigError, FileNotFoundError, OSError)):
         run = load_config(config, overrides or [])
         if build:
             serve_app.check(run)
             results.print(serve_app.serve_config(run), highlight=False, markup=False, end="")
             return
         url = serve_app.deploy(run)
-    except (ConfigError, FileNotFoundError, OSError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
     from serve import adapters
     from serve.api import base_model_name
 
@@ -157,15 +153,9 @@ def pipeline(
     from serve import app as serve_app
 
     _setup_logging()
-    try:
+    with _exit_on((TrainingFailedError, PipelineFailed), 1, "pipeline failed"), _exit_on((ConfigError, DataError, FileNotFoundError)):
         run = load_config(config, overrides or [])
         outcome = run_pipeline(run)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
-    except (TrainingFailedError, PipelineFailed) as exc:
-        console.print(f"[bold red]pipeline failed:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
     if outcome.summary.name == "leaderboard.md":
         results.print(outcome.summary.read_text().split("## Metric curves")[0], highlight=False, markup=False)
     results.print(outcome.eval_report.read_text().split("## Failed generations")[0], highlight=False, markup=False)
@@ -198,11 +188,8 @@ def submit(
     """Submit a stage as a Ray job (this repository as its working dir); exit code = the job's final status."""
     from jobs import submit as jobs_submit
 
-    try:
+    with _exit_on((ConfigError,)):
         client, job_id = jobs_submit.submit(stage, config, overrides or [], address, env or [], install)
-    except ConfigError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
     console.print(f"submitted {job_id}: lorafleet jobs logs {job_id} --follow", highlight=False)
     if not wait:
         results.print(job_id)
