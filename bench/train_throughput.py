@@ -147,29 +147,27 @@ def main() -> None:
             for which in order:
                 out = tmp / f"{which.replace(' ', '-')}-{repeat}"
                 if which == "ray":
-                    runs["ray"].append(run_lorafleet(out, args.steps, args.skip, args.threads))
-                    continue
-                plain = run_plain(out, args.steps, "4bit", args.threads) if which == "plain" else run_plain_beside_idle_ray(out, args.steps, args.threads)
-                runs[which].append(step_times(plain["log_history"], args.skip))
+                    runs[which].append(run_lorafleet(out, args.steps, args.skip, args.threads))
+                else:
+                    plain = run_plain(out, args.steps, "4bit", args.threads) if which == "plain" else run_plain_beside_idle_ray(out, args.steps, args.threads)
+                    runs[which].append(step_times(plain["log_history"], args.skip))
         full = run_plain(tmp / "full", max(args.skip + 2, 4), "none", args.threads)
-    plain_runs, ray_runs = runs["plain"], runs["ray"]
-    if {s: t for s, (t, _) in plain_runs[0].items()} != {s: t for s, (t, _) in ray_runs[0].items()}:
+    if {s: t for s, (t, _) in runs["plain"][0].items()} != {s: t for s, (t, _) in runs["ray"][0].items()}:
         raise SystemExit("the two trainers trained different batches; the comparison is void")
+    per_run = {which: [tokens_per_second(run) for run in trainer_runs] for which, trainer_runs in runs.items()}
+    mean = {which: sum(values) / len(values) for which, values in per_run.items()}
+    fastest = {which: tokens_per_second(fastest_of_each_step(trainer_runs)) for which, trainer_runs in runs.items()}
     print(f"\nSmolLM2-135M-Instruct, QLoRA 4-bit NF4, r={load_config('configs/demo.yaml').lora.r} all-linear, batch 4, {args.threads} thread(s) on "
           f"{os.cpu_count()} cores, steps {args.skip}..{args.steps} (steady state), {args.repeats} run(s) each\n")
     print("| trainer | trained tokens/s, mean of runs | runs | fastest repeat of each step |\n| --- | --- | --- | --- |")
     names = {"plain": "plain HF Trainer + PEFT (1 process)", "ray": "lorafleet train (Ray Train, 1 worker)",
              "plain beside idle ray": "plain, beside an idle Ray Train run"}
-    for which, trainer_runs in runs.items():
-        per_run = [tokens_per_second(run) for run in trainer_runs]
-        print(f"| {names[which]} | {sum(per_run) / len(per_run):,.1f} | {', '.join(f'{r:.1f}' for r in per_run)} | {tokens_per_second(fastest_of_each_step(trainer_runs)):,.1f} |")
+    for which, name in names.items():
+        print(f"| {name} | {mean[which]:,.1f} | {', '.join(f'{r:.1f}' for r in per_run[which])} | {fastest[which]:,.1f} |")
     print("\n| base model in the training process | peak RSS (MB) |\n| --- | --- |")
     print(f"| 4-bit NF4 (QLoRA) | {plain['peak_rss_mb']:,.0f} |\n| unquantized float32 (LoRA) | {full['peak_rss_mb']:,.0f} |")
-    mean_ratio = sum(map(tokens_per_second, ray_runs)) / sum(map(tokens_per_second, plain_runs))
-    best_ratio = tokens_per_second(fastest_of_each_step(ray_runs)) / tokens_per_second(fastest_of_each_step(plain_runs))
-    beside_ratio = sum(map(tokens_per_second, runs["plain beside idle ray"])) / sum(map(tokens_per_second, plain_runs))
-    print(f"\nratio lorafleet/plain: mean of runs {mean_ratio:.3f}, fastest repeat of each step {best_ratio:.3f} (target >= 0.95)")
-    print(f"ratio plain beside an idle Ray Train run / plain alone: {beside_ratio:.3f} (Ray's own processes, not the training path)")
+    print(f"\nratio lorafleet/plain: mean of runs {mean['ray'] / mean['plain']:.3f}, fastest repeat of each step {fastest['ray'] / fastest['plain']:.3f} (target >= 0.95)")
+    print(f"ratio plain beside an idle Ray Train run / plain alone: {mean['plain beside idle ray'] / mean['plain']:.3f} (Ray's own processes, not the training path)")
 
 
 if __name__ == "__main__":
