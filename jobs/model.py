@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import bitsandbytes as bnb
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -73,10 +74,27 @@ def quantization_config(run: RunConfig, device: torch.device) -> BitsAndBytesCon
     return None
 
 
+def one_4bit_kernel(model):
+    """Keep bitsandbytes' 4-bit layers on the one kernel path that trains.
+
+    On CPUs with AVX-512 BF16, bitsandbytes 0.50 repacks a Linear4bit's weight at its first
+    forward in eval mode without grad (the Trainer's first evaluation, say) and from then on
+    multiplies with a fused kernel that (1) rounds differently (about 0.35% relative here) and
+    (2) has no autograd: training steps after that evaluation get no gradient through the
+    frozen base layers, and `.to()` unpacks the weight again with a lossy round trip. So on
+    those CPUs training silently went wrong after the first evaluation, and eval and Serve saw
+    another model than the one that trained. The switch is bitsandbytes' own per-layer flag.
+    """
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def load_base(run: RunConfig, device: torch.device, kind: str):
     """The frozen base model, quantized as configured, placed on this process's device."""
     auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
-    return auto.from_pretrained(
+    model = auto.from_pretrained(
         model_path(run.model),
         quantization_config=quantization_config(run, device),
         # Pinned to this worker's own device: "auto" would spread one replica over all GPUs.
@@ -84,6 +102,7 @@ def load_base(run: RunConfig, device: torch.device, kind: str):
         dtype=compute_dtype(run, device) if run.quantization.mode == "none" else None,
         **_hub_kwargs(run.model),
     )
+    return one_4bit_kernel(model)
 
 
 def lora_config(run: RunConfig, kind: str) -> PeftLoraConfig:

@@ -52,6 +52,35 @@ def test_qlora_trains_saves_and_reloads_to_identical_logits(fixture, expected_ki
     assert not torch.allclose(trained_logits, base_logits), "the adapter changes the model"
 
 
+def test_an_evaluation_leaves_the_4bit_base_training_as_before(tiny_causal, tmp_path):
+    """On CPUs with AVX-512 BF16, bitsandbytes repacks 4-bit weights at the first eval-mode forward
+    without grad and then runs a fused kernel that rounds differently and has no autograd. Unguarded,
+    after the Trainer's first evaluation the q, k, v, gate and up LoRA matrices got zero gradient and
+    eval logits moved by about 3e-4. On other CPUs bitsandbytes never repacks and this holds anyway."""
+    run = _run(tiny_causal, tmp_path, "lora.dropout=0.0")
+    model = load_for_training(run, CPU, "causal")
+    assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal)
+    data = prepare(run.data, tokenizer, "causal", True)
+    batch = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)([data.train[i] for i in range(4)])
+
+    def lora_gradients():
+        model.train()
+        model.zero_grad()
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def eval_logits():
+        model.eval()
+        with torch.no_grad():
+            return model(**batch).logits
+
+    before, logits_before = lora_gradients(), eval_logits()
+    after, logits_after = lora_gradients(), eval_logits()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert torch.equal(logits_before, logits_after)
+
+
 def test_8bit_and_unquantized_bases(tiny_causal, tmp_path):
     eight = load_for_training(_run(tiny_causal, tmp_path, "quantization.mode=8bit"), CPU, "causal")
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in eight.modules())
