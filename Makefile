@@ -37,6 +37,7 @@ test-fast: setup  ## unit tier only: no Ray, no real model
 
 bench: model
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/cpu_4bit_kernels.py
 	$(BIN)/python bench/sweep_efficiency.py
 	$(BIN)/python bench/serve_load.py
 	$(BIN)/python bench/serve_faults.py

@@ -188,6 +188,7 @@ def submit(
     """Submit a stage as a Ray job (this repository as its working dir); exit code = the job's final status."""
     from jobs import submit as jobs_submit
 
+    _setup_logging()
     with _exit_on((ConfigError,)):
         client, job_id = jobs_submit.submit(stage, config, overrides or [], address, env or [], install)
     console.print(f"submitted {job_id}: lorafleet jobs logs {job_id} --follow", highlight=False)

@@ -4,9 +4,10 @@ A stage is submitted as `python -m <module> --config ... overrides` with this re
 job's working dir, the way `ray job submit --working-dir .` does, through Ray's Job Submission
 SDK. The config is validated here first, so a bad config fails before the cluster sees a job.
 
-Ray 2.6x clusters started with `ray start` require a token: `ray start` writes it to
-~/.ray/auth_token, and the SDK sends it only when RAY_AUTH_MODE=token. When a token is there
-(or in RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) and the mode is unset, it is set here.
+A cluster started with `ray start` after `ray get-auth-token --generate` checks a token, and the
+SDK sends it only when RAY_AUTH_MODE=token. When a token is there (~/.ray/auth_token,
+RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) and the mode is unset, it is set here; a cluster that
+checks no token gets a warning before anything is submitted to it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from jobs import cluster
 from jobs.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +66,7 @@ def entrypoint(stage: str, config: str | None, overrides: list[str]) -> str:
 
 def submit(stage: str, config: str | None, overrides: list[str], address: str | None, env_names: list[str], install: bool) -> tuple[JobSubmissionClient, str]:
     jobs = client(address)
+    cluster.warn_if_auth_off(jobs.get_address())
     job_id = jobs.submit_job(entrypoint=entrypoint(stage, config, overrides), runtime_env=runtime_env(env_names, install), metadata={"lorafleet_stage": stage})
     return jobs, job_id
 

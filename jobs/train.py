@@ -26,7 +26,7 @@ import ray.train.torch
 from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-from jobs import report, storage
+from jobs import cluster, report, storage
 from jobs.config import RunConfig, dump_config, read_deepspeed
 from jobs.data import PreparedData, prepare
 from jobs.evaluation import task_metrics
@@ -232,9 +232,7 @@ def _passed_env() -> dict[str, str]:
 
 
 def fit(run: RunConfig, data: PreparedData, kind: str, use_chat: bool, placement: RunPlacement | None = None) -> ray.train.Result:
-    if not ray.is_initialized():
-        # No address and no RAY_ADDRESS: an embedded Ray sized to this machine.
-        ray.init(address=run.ray.address)
+    cluster.connect(run.ray.address)
     run_json = run.model_dump(mode="json")
     # Inlined here: a DeepSpeed file path of the driver's node need not exist on the workers' nodes.
     run_json["training"]["deepspeed"] = deepspeed_config(run.training.deepspeed)

@@ -12,11 +12,11 @@ import sys
 import time
 from typing import Any
 
-import ray
 import yaml
 from ray import serve
 from ray.serve import Application
 
+from jobs import cluster
 from jobs.config import ConfigError, RunConfig, with_absolute_paths
 from jobs.model import load_tokenizer, model_kind
 from serve import adapters
@@ -94,8 +94,7 @@ def endpoint(run: RunConfig) -> str:
 def deploy(run: RunConfig) -> str:
     """Start Serve (embedded Ray without an address) and deploy; returns the endpoint."""
     check(run)
-    if not ray.is_initialized():
-        ray.init(address=run.ray.address)  # no address and no RAY_ADDRESS: an embedded local Ray
+    cluster.connect(run.ray.address)
     serve.start(http_options={"host": run.serve.host, "port": run.serve.port})
     serve.run(application(run), name=run.serve.name, route_prefix=run.serve.route_prefix)
     return endpoint(run)

@@ -1,5 +1,15 @@
+import atexit
 import os
+import shutil
+import tempfile
 
+from jobs.packaged import lorafleet_cache
+
+# No test reads or writes the user's HOME (an embedded Ray writes ~/.ray/auth_token there): every
+# run gets an empty one, as a new user has. Only the model cache `make model` filled is kept.
+os.environ.setdefault("LORAFLEET_CACHE", str(lorafleet_cache()))
+os.environ["HOME"] = tempfile.mkdtemp(prefix="lorafleet-test-home-")
+atexit.register(shutil.rmtree, os.environ["HOME"], True)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

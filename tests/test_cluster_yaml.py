@@ -24,6 +24,16 @@ def test_cluster_yaml_is_a_valid_ray_cluster_config():
     assert "GPU" not in config["available_node_types"][config["head_node_type"]]["resources"]
 
 
+def test_every_node_of_cluster_yaml_starts_ray_with_token_authentication():
+    """The launcher has no setting for it: Ray's recipe is the local token mounted on every node and
+    RAY_AUTH_MODE=token where Ray starts (a node started without it would check no token)."""
+    config = yaml.safe_load(CLUSTER.read_text())
+    assert config["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    assert config["docker"]["image"].startswith("rayproject/ray:")  # whose user's HOME is /home/ray
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token ray start" in c for c in starts)
+
+
 def test_the_schema_check_catches_a_typo():
     config = yaml.safe_load(CLUSTER.read_text())
     config["max_wrokers"] = 4

@@ -4,11 +4,12 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.subprocesses import output, run, run_ok
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -22,13 +23,18 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+def cluster(tmp_path_factory):
+    """The cluster's own token in its own HOME: never the user's ~/.ray, never one an earlier run left."""
+    home = tmp_path_factory.mktemp("cluster-home")
+    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    run_ok([BIN / "ray", "get-auth-token", "--generate"], env=env)
     dashboard = _free_port()
-    subprocess.run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
-                    "--num-cpus=2", "--disable-usage-stats"], env=env, check=True, capture_output=True)
+    run_ok([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
+            "--num-cpus=2", "--disable-usage-stats"], env=env, timeout=180)
     yield f"http://127.0.0.1:{dashboard}", env
-    subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True)
+    run([BIN / "ray", "stop", "--force"], env=env)
 
 
 def _overrides(tiny_causal, out: Path) -> list[str]:
@@ -40,12 +46,12 @@ def _overrides(tiny_causal, out: Path) -> list[str]:
 def test_ray_job_submit_runs_the_train_job_to_success(cluster, tiny_causal, tmp_path):
     address, env = cluster
     out = tmp_path / "train"
-    done = subprocess.run([BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
-                           "--runtime-env-json", '{"env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}}',
-                           "--", "python", "-m", "jobs.train", "--config", "configs/demo.yaml", *_overrides(tiny_causal, out)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "succeeded" in done.stdout + done.stderr
+    done = run([BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
+                "--runtime-env-json", '{"env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}}',
+                "--", "python", "-m", "jobs.train", "--config", "configs/demo.yaml", *_overrides(tiny_causal, out)],
+               env=env, timeout=600)
+    assert done.returncode == 0, output(done)
+    assert "succeeded" in done.stdout + done.stderr, output(done)
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "report.md").is_file()
 
 
@@ -53,17 +59,17 @@ def test_lorafleet_submit_reports_a_failed_job_and_its_error(cluster, tiny_causa
     address, env = cluster
     lorafleet = shutil.which("lorafleet", path=str(BIN))
     failing = {**env, "LORAFLEET_FAIL_AT": "0:1"}  # the test hook kills rank 0 at step 1; max_failures is 0
-    done = subprocess.run([lorafleet, "submit", "train", "--address", address, "--config", "configs/demo.yaml", "--env", "LORAFLEET_FAIL_AT",
-                           *_overrides(tiny_causal, tmp_path / "train")], env=failing, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run([lorafleet, "submit", "train", "--address", address, "--config", "configs/demo.yaml", "--env", "LORAFLEET_FAIL_AT",
+                *_overrides(tiny_causal, tmp_path / "train")], env=failing, timeout=600, cwd=REPO)
+    assert done.returncode == 1, output(done)
     job_id = re.search(r"submitted (\S+):", done.stderr).group(1)
-    assert "FAILED" in done.stderr
-    status = subprocess.run([lorafleet, "jobs", "status", job_id, "--address", address], env=env, capture_output=True, text=True)
-    assert status.returncode == 1 and "FAILED" in status.stdout
-    logs = subprocess.run([lorafleet, "jobs", "logs", job_id, "--address", address], env=env, capture_output=True, text=True)
-    assert "training failed" in logs.stdout
-    listed = subprocess.run([lorafleet, "jobs", "list", "--address", address], env=env, capture_output=True, text=True)
-    assert job_id in listed.stdout
+    assert "FAILED" in done.stderr and "authentication OFF" not in done.stderr, output(done)
+    status = run([lorafleet, "jobs", "status", job_id, "--address", address], env=env)
+    assert status.returncode == 1 and "FAILED" in status.stdout, output(status)
+    logs = run([lorafleet, "jobs", "logs", job_id, "--address", address], env=env)
+    assert "training failed" in logs.stdout, output(logs)
+    listed = run([lorafleet, "jobs", "list", "--address", address], env=env)
+    assert job_id in listed.stdout, output(listed)
 
 
 def test_submit_install_runs_the_job_in_a_pip_runtime_env(cluster, tiny_causal, tmp_path):
@@ -73,10 +79,11 @@ def test_submit_install_runs_the_job_in_a_pip_runtime_env(cluster, tiny_causal, 
     env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
     lorafleet = shutil.which("lorafleet", path=str(BIN))
     out = tmp_path / "train"
-    done = subprocess.run([lorafleet, "submit", "train", "--install", "--address", address, "--config", "configs/demo.yaml", *_overrides(tiny_causal, out)],
-                          env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "SUCCEEDED" in done.stderr and (out / "adapter" / "adapter_model.safetensors").is_file()
+    done = run([lorafleet, "submit", "train", "--install", "--address", address, "--config", "configs/demo.yaml", *_overrides(tiny_causal, out)],
+               env=env, timeout=900, cwd=REPO)
+    assert done.returncode == 0, output(done)
+    assert "SUCCEEDED" in done.stderr, output(done)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
     venvs = list(Path("/tmp/ray/session_latest/runtime_resources/pip").glob("*/virtualenv/bin/python"))
     assert venvs, "no pip runtime env was built"
     assert "runtime_resources/pip/" in done.stdout + done.stderr, "the job's workers ran from the pip virtualenv"
@@ -85,9 +92,9 @@ def test_submit_install_runs_the_job_in_a_pip_runtime_env(cluster, tiny_causal, 
 def test_a_bad_config_is_refused_before_anything_is_submitted(cluster):
     address, env = cluster
     lorafleet = shutil.which("lorafleet", path=str(BIN))
-    done = subprocess.run([lorafleet, "submit", "train", "--address", address, "--config", "configs/demo.yaml", "lora.r=-4"],
-                          env=env, capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 2 and "lora.r = -4" in done.stderr
+    done = run([lorafleet, "submit", "train", "--address", address, "--config", "configs/demo.yaml", "lora.r=-4"],
+               env=env, cwd=REPO)
+    assert done.returncode == 2 and "lora.r = -4" in done.stderr, output(done)
     assert "submitted" not in done.stderr
 
 
@@ -100,13 +107,13 @@ def test_the_pipeline_job_trains_evaluates_deploys_and_answers(cluster, tiny_cau
     secret = "sk-lorafleet-0123456789-do-not-log"
     config = tmp_path / "with-key.yaml"
     config.write_text((REPO / "configs" / "demo.yaml").read_text() + f"serve:\n  api_key: {secret}\n")
-    done = subprocess.run([BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
-                           "--runtime-env-json", '{"env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}}',
-                           "--", "python", "-m", "jobs.pipeline", "--config", str(config), *_overrides(tiny_causal, out),
-                           "eval.max_new_tokens=8", f"serve.port={port}", "serve.replica_resources={CPU: 0.5}"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = run([BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
+                "--runtime-env-json", '{"env_vars": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}}',
+                "--", "python", "-m", "jobs.pipeline", "--config", str(config), *_overrides(tiny_causal, out),
+                "eval.max_new_tokens=8", f"serve.port={port}", "serve.replica_resources={CPU: 0.5}"],
+               env=env, timeout=600)
     log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-4000:]
+    assert done.returncode == 0, output(done)
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "eval" / "eval.md").is_file()
     assert "| metric | base | adapter | delta |" in log  # the eval table, base against adapter
     assert "smoke request (/chat/completions, model 'pipeline')" in log and f"endpoint: http://localhost:{port}/v1" in log

@@ -22,7 +22,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-from jobs import storage
+from jobs import cluster, storage
 from jobs.config import ConfigError, RunConfig, dump_config, load_config, sweep_problems, with_absolute_paths
 from jobs.data import prepare
 from jobs.model import load_tokenizer, model_kind, uses_chat_template
@@ -162,8 +162,7 @@ def sweep(run: RunConfig, resume: bool = False) -> SweepOutcome:
     sweep_dir = Path(run.tune.output_dir).resolve()
     p = plan(run)
     _prepare_dir(p.run, sweep_dir, resume)  # sweep.yaml with absolute paths: --resume works from any folder
-    if not ray.is_initialized():
-        ray.init(address=run.ray.address)  # no address and no RAY_ADDRESS: an embedded local Ray
+    cluster.connect(run.ray.address)
     tuner = _tuner(p, sweep_dir, resume)
     tuner.fit()
     rows, summary = write_results(p, sweep_dir, time.time() - started)
