@@ -70,13 +70,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from jobs.config import load_config
 from jobs.data import prepare
 from jobs.packaged import packaged_model_path
+from jobs.prompting import Prompting
 from jobs.train import training_arguments
 
 torch.set_num_threads(int(sys.argv[3]))
 run = load_config("configs/demo.yaml", json.loads(sys.argv[1]))
 path = packaged_model_path("smollm2-135m-instruct")
 tokenizer = AutoTokenizer.from_pretrained(path)
-data = prepare(run.data, tokenizer, "causal", True)
+data = prepare(run.data, Prompting(tokenizer, "causal", True))
 quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32) if sys.argv[2] == "4bit" else None
 model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": "cpu"})
 if quant:

@@ -24,6 +24,11 @@ ConfigOption = Annotated[Optional[str], typer.Option("--config", "-c", help="Run
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. training.learning_rate=1e-4 lora.r=16", show_default=False)]
 
 
+def _print(text: str) -> None:
+    """A stage's summary as it wrote it: no rich markup or highlighting applied to paths and tables."""
+    results.print(text, highlight=False, markup=False)
+
+
 @contextmanager
 def _exit_on(errors: tuple[type[BaseException], ...], code: int = 2, label: str = "error") -> Iterator[None]:
     """A known failure ends the command with one readable line and an exit code, not a traceback."""
@@ -34,7 +39,9 @@ def _exit_on(errors: tuple[type[BaseException], ...], code: int = 2, label: str 
         raise typer.Exit(code) from None
 
 
+@app.callback()
 def _setup_logging() -> None:
+    """Every command logs at INFO, with the logger's name (lorafleet.*, ray.*) on each line."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Tokenizers' thread pool deadlocks in processes forked by Ray and the DataLoader.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -47,15 +54,9 @@ def train(config: ConfigOption = None, overrides: Overrides = None) -> None:
 
     from jobs.train import train as run_training
 
-    _setup_logging()
     with _exit_on((TrainingFailedError,), 1, "training failed"), _exit_on((ConfigError, DataError)):
         outcome = run_training(load_config(config, overrides or []))
-    m = outcome.metrics
-    losses = [f"{label} {m[f'first_{key}']:.4f} -> {m[f'final_{key}']:.4f}" for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss")) if m[f"first_{key}"] is not None]
-    results.print(f"[bold green]done[/] in {m['job_total_s']} s, {m['steps']} steps: {', '.join(losses) or 'no loss logged'}", highlight=False)
-    results.print(f"adapter: {outcome.adapter_dir}\nreport:  {outcome.output_dir / 'report.md'}\nmetrics: {outcome.output_dir / 'metrics.json'}", highlight=False)
-    if outcome.published:
-        results.print(f"copied to {outcome.published}", highlight=False)
+    _print(outcome.summary_md)
 
 
 @app.command()
@@ -68,15 +69,13 @@ def sweep(
     from tune.sweep import resume_config
     from tune.sweep import sweep as run_sweep
 
-    _setup_logging()
     with _exit_on((ConfigError, DataError)):
         if resume and (config or overrides):
             raise ConfigError([f"--resume = {str(resume)!r}: a sweep resumes with the config it started with ({resume}/sweep.yaml); drop --config and overrides"])
         run = resume_config(resume) if resume else load_config(config, overrides or [])
         outcome = run_sweep(run, resume=resume is not None)
-    s = outcome.summary
-    results.print((outcome.sweep_dir / "leaderboard.md").read_text().split("## Metric curves")[0], highlight=False, markup=False)
-    if s["best"] is None:
+    _print(outcome.summary_md)
+    if outcome.summary["best"] is None:
         console.print("[bold red]no trial reported the metric[/]; see the failed trials above", highlight=False)
         raise typer.Exit(1)
     results.print(f"best adapter: {outcome.sweep_dir / 'best' / 'adapter'}\nleaderboard:  {outcome.sweep_dir / 'leaderboard.md'}\ntensorboard:  tensorboard --logdir {outcome.sweep_dir}", highlight=False)
@@ -97,7 +96,6 @@ def evaluate(
     """Evaluate the adapter against the base model on the same examples: eval.md, eval.json, eval.png."""
     from jobs.evaluation import run_eval
 
-    _setup_logging()
     with _exit_on((ConfigError, DataError, FileNotFoundError)):
         run = load_config(config, overrides or [])
         if baseline and (adapter or skip_base):
@@ -107,21 +105,20 @@ def evaluate(
             if not adapter.is_dir():
                 raise ConfigError([f"--adapter = {str(adapter)!r}: no such folder; train first, pass --adapter DIR, or use --baseline"])
         output_dir = output or Path(run.training.output_dir) / "eval"
-        run_eval(run, None if baseline else adapter, not skip_base, output_dir, predictions)
-    results.print((output_dir / "eval.md").read_text().split("## Failed generations")[0], highlight=False, markup=False)
-    results.print(f"report: {output_dir / 'eval.md'}" + (f"\npredictions: {predictions}" if predictions else ""), highlight=False)
+        outcome = run_eval(run, None if baseline else adapter, not skip_base, output_dir, predictions)
+    _print(outcome.summary_md)
+    _print(f"report: {outcome.report}" + (f"\npredictions: {predictions}" if predictions else ""))
+
+
+BuildOption = Annotated[bool, typer.Option("--build", help="Print a Serve config file for `serve deploy` instead of deploying.")]
+KeepServingOption = Annotated[bool, typer.Option("--keep-serving", help="On an embedded Ray, keep the app up until Ctrl-C.")]
 
 
 @app.command("serve")
-def serve_cmd(
-    config: ConfigOption = None,
-    overrides: Overrides = None,
-    build: Annotated[bool, typer.Option("--build", help="Print a Serve config file for `serve deploy` instead of deploying.")] = False,
-) -> None:
+def serve_cmd(config: ConfigOption = None, overrides: Overrides = None, build: BuildOption = False) -> None:
     """Serve the base model and its adapters with Ray Serve: OpenAI-compatible HTTP API with batching and autoscaling."""
     from serve import app as serve_app
 
-    _setup_logging()
     with _exit_on((ConfigError, FileNotFoundError, OSError)):
         run = load_config(config, overrides or [])
         if build:
@@ -129,22 +126,14 @@ def serve_cmd(
             results.print(serve_app.serve_config(run), highlight=False, markup=False, end="")
             return
         url = serve_app.deploy(run)
-    from serve import adapters
-    from serve.api import base_model_name
-
-    results.print(f"[bold green]serving[/] {url}  models: {', '.join([base_model_name(run), *adapters.names(run.serve)])}", highlight=False)
-    results.print(f"try: curl {url}/models" + (" -H 'Authorization: Bearer $KEY'" if run.serve.bearer_token() else ""), highlight=False)
+    _print(serve_app.serving_summary(run, url))
     if serve_app.embedded(run):
         console.print("embedded Ray: the app stops with this process (Ctrl-C)", highlight=False)
         serve_app.wait_forever()
 
 
 @app.command()
-def pipeline(
-    config: ConfigOption = None,
-    overrides: Overrides = None,
-    keep_serving: Annotated[bool, typer.Option("--keep-serving", help="On an embedded Ray, keep the app up until Ctrl-C.")] = False,
-) -> None:
+def pipeline(config: ConfigOption = None, overrides: Overrides = None, keep_serving: KeepServingOption = False) -> None:
     """Train (or sweep, with a tune: section) -> evaluate the best adapter against the base -> serve it -> smoke request."""
     from ray.train import TrainingFailedError
 
@@ -152,16 +141,10 @@ def pipeline(
     from jobs.pipeline import pipeline as run_pipeline
     from serve import app as serve_app
 
-    _setup_logging()
     with _exit_on((TrainingFailedError, PipelineFailed), 1, "pipeline failed"), _exit_on((ConfigError, DataError, FileNotFoundError)):
         run = load_config(config, overrides or [])
         outcome = run_pipeline(run)
-    if outcome.summary.name == "leaderboard.md":
-        results.print(outcome.summary.read_text().split("## Metric curves")[0], highlight=False, markup=False)
-    results.print(outcome.eval_report.read_text().split("## Failed generations")[0], highlight=False, markup=False)
-    s = outcome.smoke
-    results.print(f"smoke request ({s['route']}, model {outcome.adapter_name!r}):\n  prompt:    {s['prompt'][:300]!r}\n  answer:    {s['answer']!r}\n"
-                  f"  reference: {s['references'][0]!r}", highlight=False, markup=False)
+    _print(outcome.summary_md)
     results.print(f"adapter:  {outcome.adapter}\nreport:   {outcome.summary}\neval:     {outcome.eval_report}\nendpoint: {outcome.endpoint}  (model {outcome.adapter_name!r})", highlight=False)
     if outcome.published:
         results.print(f"copied to {outcome.published} (the app loads the adapter from there)", highlight=False)
@@ -188,7 +171,6 @@ def submit(
     """Submit a stage as a Ray job (this repository as its working dir); exit code = the job's final status."""
     from jobs import submit as jobs_submit
 
-    _setup_logging()
     with _exit_on((ConfigError,)):
         client, job_id = jobs_submit.submit(stage, config, overrides or [], address, env or [], install)
     console.print(f"submitted {job_id}: lorafleet jobs logs {job_id} --follow", highlight=False)

@@ -1,4 +1,5 @@
-"""Where Ray runs: an embedded local Ray, or an existing cluster that should check tokens.
+"""Where Ray runs: an embedded local Ray or an existing cluster (that should check tokens), the
+environment its jobs and workers get, and where a Ray Train run keeps its checkpoints.
 
 Ray 2.60 turns token authentication on for the local Ray that `ray.init()` starts, but a cluster
 started with `ray start` without a token runs with it off, and then anyone who reaches its ports
@@ -10,12 +11,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 
 import ray
+import ray.train
+
+from jobs.config import RunConfig
 
 log = logging.getLogger("lorafleet.cluster")
+# Passed to every job and Train worker: offline switches and the model cache. Anything else only when asked.
+PASSED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "LORAFLEET_CACHE", "TOKENIZERS_PARALLELISM")
 AUTH_OFF = (
     "the Ray cluster at {url} runs with token authentication OFF: anyone who can reach its ports can run code on it. "
     "Restart it with a token: `ray get-auth-token --generate`, then `ray start --head` (README, 'Run on a cluster')"
@@ -46,3 +55,41 @@ def warn_if_auth_off(dashboard_url: str | None) -> bool:
         log.warning(AUTH_OFF.format(url=dashboard_url))
         return True
     return False
+
+
+def _storage_path(run: RunConfig) -> str:
+    path = run.ray.storage_path
+    return path if "://" in path else str(Path(path).resolve())
+
+
+@dataclass
+class RunPlacement:
+    """Where a Ray Train run lives and who listens to it. A plain training job gets a fresh
+    timestamped name; a sweep trial passes its trial id, so a restarted trial resumes its run."""
+
+    name: str | None = None
+    storage_path: str | None = None
+    callbacks: tuple = ()
+    score: tuple[str, str] = ("eval_loss", "min")
+
+
+def train_run_config(run: RunConfig, has_eval: bool, placement: RunPlacement, passed: tuple[str, ...] = ()) -> ray.train.RunConfig:
+    """Ray Train's run config: name, storage, failure handling, checkpoints kept, the workers' environment."""
+    name = placement.name or f"{run.ray.name or Path(run.training.output_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return ray.train.RunConfig(
+        name=name,
+        storage_path=placement.storage_path or _storage_path(run),
+        failure_config=ray.train.FailureConfig(max_failures=run.ray.max_failures),
+        worker_runtime_env={"env_vars": passed_env(passed)},
+        callbacks=list(placement.callbacks),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=run.training.keep_checkpoints,
+            checkpoint_score_attribute=placement.score[0] if has_eval else None,
+            checkpoint_score_order=placement.score[1],
+        ),
+    )
+
+
+def passed_env(extra: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
+    """What a job or a Train worker gets from this process's environment: PASSED_ENV and `extra`, where set."""
+    return {name: os.environ[name] for name in (*PASSED_ENV, *extra) if name in os.environ}

@@ -12,13 +12,16 @@ import json
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from datasets import Dataset, load_dataset, load_from_disk
 
 from jobs.config import DataConfig
 from jobs.demo_data import demo_rows
+
+if TYPE_CHECKING:  # the model stack (torch, peft) is not needed to read and check data
+    from jobs.prompting import Prompting
 
 SQUAD_PROMPT = "Answer with a short span copied from the context.\nContext: {context}\nQuestion: {question}"
 FORMAT_DEFAULTS = {"squad": (SQUAD_PROMPT, "answer")}
@@ -202,20 +205,11 @@ def split(examples: list[dict[str, Any]], cfg: DataConfig) -> tuple[Dataset, Dat
     return parts["train"], parts["test"]
 
 
-def prompt_text(prompt: str, tokenizer, use_chat: bool, system_prompt: str | None) -> str:
-    """The exact text the model sees before its answer (shared with generation)."""
-    if not use_chat:
-        return prompt
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def encode(example: dict[str, Any], tokenizer, kind: str, use_chat: bool, cfg: DataConfig) -> dict[str, Any]:
+def encode(example: dict[str, Any], prompting: Prompting, cfg: DataConfig) -> dict[str, Any]:
     """Token ids for one example plus its untruncated lengths (for the report)."""
-    text = prompt_text(example["prompt"], tokenizer, use_chat, cfg.system_prompt)
-    # A chat template already carries its special tokens.
-    prompt_ids = tokenizer(text, add_special_tokens=not use_chat)["input_ids"]
-    if kind == "seq2seq":
+    tokenizer = prompting.tokenizer
+    prompt_ids = prompting.ids(prompting.text(example["prompt"], cfg.system_prompt))
+    if prompting.kind == "seq2seq":
         target_ids = tokenizer(text_target=example["target"])["input_ids"]
         source, target = prompt_ids[: cfg.max_source_length], target_ids[: cfg.max_target_length]
         out = {"input_ids": source, "attention_mask": [1] * len(source), "labels": target}
@@ -235,8 +229,8 @@ def _length_stats(values: list[int]) -> dict[str, float]:
     return {"mean": round(float(arr.mean()), 1), "p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)), "max": int(arr.max())}
 
 
-def tokenize(dataset: Dataset, tokenizer, kind: str, use_chat: bool, cfg: DataConfig, desc: str) -> tuple[Dataset, dict[str, Any]]:
-    encoded = dataset.map(lambda ex: encode(ex, tokenizer, kind, use_chat, cfg), remove_columns=dataset.column_names, desc=f"Tokenizing {desc}")
+def tokenize(dataset: Dataset, prompting: Prompting, cfg: DataConfig, desc: str) -> tuple[Dataset, dict[str, Any]]:
+    encoded = dataset.map(lambda ex: encode(ex, prompting, cfg), remove_columns=dataset.column_names, desc=f"Tokenizing {desc}")
     stats = {
         "rows": len(encoded),
         "prompt_tokens": _length_stats(encoded["prompt_tokens"]),
@@ -268,11 +262,11 @@ def load_examples(cfg: DataConfig) -> tuple[list[dict[str, Any]], dict[str, Any]
     return used, report
 
 
-def prepare(cfg: DataConfig, tokenizer, kind: str, use_chat: bool) -> PreparedData:
+def prepare(cfg: DataConfig, prompting: Prompting) -> PreparedData:
     examples, report = load_examples(cfg)
     train_rows, eval_rows = split(examples, cfg)
-    train, report["train"] = tokenize(train_rows, tokenizer, kind, use_chat, cfg, "train")
+    train, report["train"] = tokenize(train_rows, prompting, cfg, "train")
     evaluation = None
     if eval_rows is not None:
-        evaluation, report["validation"] = tokenize(eval_rows, tokenizer, kind, use_chat, cfg, "validation")
+        evaluation, report["validation"] = tokenize(eval_rows, prompting, cfg, "validation")
     return PreparedData(train=train, eval=evaluation, eval_examples=list(eval_rows) if eval_rows is not None else [], report=report)

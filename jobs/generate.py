@@ -1,6 +1,6 @@
 """Batched generation whose outputs stay tied to their inputs.
 
-- the prompt is built and truncated exactly as in training (`jobs.data.prompt_text`);
+- the prompt is built and truncated exactly as in training (`Prompting.text`);
 - `max_new_tokens` only: a long prompt never eats the room for the answer;
 - decoder-only models are padded on the left, so every row's new tokens start at the same column;
 - batches group prompts of similar length, and every output is written back by its index;
@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from jobs.config import DataConfig, EvalConfig
-from jobs.data import prompt_text
+from jobs.prompting import Prompting
 
 
 @dataclass
@@ -25,9 +25,8 @@ class Generation:
     error: str | None = None
 
 
-def encode_prompts(prompts: list[str], tokenizer, use_chat: bool, data: DataConfig) -> list[list[int]]:
-    texts = [prompt_text(p, tokenizer, use_chat, data.system_prompt) for p in prompts]
-    return [tokenizer(t, add_special_tokens=not use_chat)["input_ids"][: data.max_source_length] for t in texts]
+def encode_prompts(prompts: list[str], prompting: Prompting, data: DataConfig) -> list[list[int]]:
+    return [prompting.ids(prompting.text(p, data.system_prompt))[: data.max_source_length] for p in prompts]
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:
@@ -35,13 +34,9 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     return text[: min(positions)] if positions else text
 
 
-def _generate_batch(model, tokenizer, batch: list[list[int]], kind: str, cfg: EvalConfig) -> list[str]:
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left" if kind == "causal" else "right"
-    try:
-        inputs = tokenizer.pad({"input_ids": batch}, padding=True, return_tensors="pt").to(model.device)
-    finally:
-        tokenizer.padding_side = side
+def _generate_batch(model, prompting: Prompting, batch: list[list[int]], cfg: EvalConfig) -> list[str]:
+    tokenizer = prompting.tokenizer
+    inputs = prompting.pad_for_generation(batch).to(model.device)
     sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {"do_sample": False}
     with torch.no_grad():
         output = model.generate(
@@ -49,15 +44,15 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], kind: str, cfg: Ev
             stop_strings=cfg.stop or None, tokenizer=tokenizer if cfg.stop else None,
             pad_token_id=tokenizer.pad_token_id, use_cache=True,
         )
-    new_tokens = output[:, inputs["input_ids"].shape[1]:] if kind == "causal" else output
+    new_tokens = output[:, inputs["input_ids"].shape[1]:] if prompting.kind == "causal" else output
     return [cut_at_stop(text, cfg.stop).strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def _one_by_one(model, tokenizer, batch: list[list[int]], kind: str, cfg: EvalConfig) -> list[Generation]:
+def _one_by_one(model, prompting: Prompting, batch: list[list[int]], cfg: EvalConfig) -> list[Generation]:
     results = []
     for ids in batch:
         try:
-            results.append(_as_generation(_generate_batch(model, tokenizer, [ids], kind, cfg)[0]))
+            results.append(_as_generation(_generate_batch(model, prompting, [ids], cfg)[0]))
         except Exception as exc:  # one bad example must not hide the others' results
             results.append(Generation(None, f"{type(exc).__name__}: {exc}"))
     return results
@@ -67,22 +62,22 @@ def _as_generation(text: str) -> Generation:
     return Generation(text) if text else Generation(None, "empty generation")
 
 
-def generate(model, tokenizer, prompts: list[str], kind: str, use_chat: bool, data: DataConfig, cfg: EvalConfig, desc: str = "Generating") -> list[Generation]:
+def generate(model, prompting: Prompting, prompts: list[str], data: DataConfig, cfg: EvalConfig, desc: str = "Generating") -> list[Generation]:
     """One Generation per prompt, in the prompts' order."""
     if cfg.do_sample:
         torch.manual_seed(cfg.seed)
     was_training = model.training
     model.eval()
-    encoded = encode_prompts(prompts, tokenizer, use_chat, data)
+    encoded = encode_prompts(prompts, prompting, data)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     results: list[Generation | None] = [None] * len(encoded)
     batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     for indices in tqdm(batches, desc=desc, unit="batch"):
         batch = [encoded[i] for i in indices]
         try:
-            generations = [_as_generation(t) for t in _generate_batch(model, tokenizer, batch, kind, cfg)]
+            generations = [_as_generation(t) for t in _generate_batch(model, prompting, batch, cfg)]
         except Exception:  # retry alone, so each example gets its own result or its own error
-            generations = _one_by_one(model, tokenizer, batch, kind, cfg)
+            generations = _one_by_one(model, prompting, batch, cfg)
         for index, generation in zip(indices, generations, strict=True):
             results[index] = generation
     model.train(was_training)

@@ -15,6 +15,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig, set_seed
 
+from jobs import adapter
 from jobs.config import PACKAGED_MODELS, ConfigError, ModelConfig, RunConfig
 from jobs.packaged import packaged_model_path
 
@@ -136,18 +137,13 @@ def parameter_counts(model) -> dict[str, int]:
     return {"trainable": int(trainable), "total": int(total)}
 
 
-def _require_safetensors(adapter_dir: str | Path) -> None:
-    if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors; only safetensors adapters are loaded (pickle files can run code)")
-
-
 def attach_adapter(base, adapter_dir: str | Path):
     """A saved adapter on an already loaded base."""
-    _require_safetensors(adapter_dir)
+    adapter.require_safetensors(adapter_dir)
     return PeftModel.from_pretrained(base, str(adapter_dir))
 
 
 def load_adapter(run: RunConfig, adapter_dir: str | Path, device: torch.device, kind: str):
     """Base + a saved adapter, for evaluation and serving."""
-    _require_safetensors(adapter_dir)  # before the slow base load
+    adapter.require_safetensors(adapter_dir)  # before the slow base load
     return attach_adapter(load_base(run, device, kind), adapter_dir)

@@ -19,10 +19,10 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import ray.train
 
+from jobs import adapter
 from jobs.packaged import lorafleet_cache
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
-LAST_FILE = "adapter_config.json"  # written last: a reader that sees it sees the weights too
 
 
 def is_remote(path: str | Path) -> bool:
@@ -48,11 +48,11 @@ def publish(local_dir: Path, storage_path: str, skip: tuple[str, ...] = ()) -> s
 
 
 def upload(local_dir: Path, uri: str, skip: tuple[str, ...] = ()) -> None:
-    """Replace the remote folder `uri` with `local_dir` (less the top-level entries in `skip`), LAST_FILE last."""
+    """Replace the remote folder `uri` with `local_dir` (less the top-level entries in `skip`), the adapter config last."""
     fs, target = pafs.FileSystem.from_uri(uri)
     fs.delete_dir_contents(target, missing_dir_ok=True)
     files = [p for p in local_dir.rglob("*") if p.is_file() and p.relative_to(local_dir).parts[0] not in skip]
-    files.sort(key=lambda p: (p.name == LAST_FILE, str(p)))
+    files.sort(key=adapter.last_is_config)
     for path in files:
         pafs.copy_files(str(path), f"{target.rstrip('/')}/{path.relative_to(local_dir).as_posix()}", destination_filesystem=fs)
 

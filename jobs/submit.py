@@ -27,8 +27,6 @@ from jobs.config import ConfigError, load_config
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {"train": "jobs.train", "sweep": "tune", "serve": "serve", "eval": "jobs.evaluation", "pipeline": "jobs.pipeline"}
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-# Passed to every job: offline switches and the model cache. Anything else only with --env.
-PASSED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "LORAFLEET_CACHE", "TOKENIZERS_PARALLELISM")
 EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache"]
 
 
@@ -45,8 +43,7 @@ def pinned_dependencies() -> list[str]:
 
 
 def runtime_env(env_names: list[str], install: bool) -> dict:
-    names = [*PASSED_ENV, *env_names]
-    env = {"working_dir": str(REPO), "excludes": EXCLUDES, "env_vars": {k: os.environ[k] for k in names if k in os.environ}}
+    env = {"working_dir": str(REPO), "excludes": EXCLUDES, "env_vars": cluster.passed_env(env_names)}
     if install:  # otherwise the cluster image (or cluster.yaml's setup_commands) provides them
         env["pip"] = pinned_dependencies()
     return env

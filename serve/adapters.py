@@ -11,23 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from jobs import storage
+from jobs.adapter import CONFIG, WEIGHTS, is_adapter_folder
 from jobs.config import ADAPTER_NAME, ServeSection
-
-WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 class UnknownAdapter(LookupError):
     """The requested adapter is not servable; the message says why and what is available."""
 
 
-def is_adapter_folder(path: Path) -> bool:
-    return (path / ADAPTER_CONFIG).is_file() and (path / WEIGHTS).is_file()
-
-
 def exists(path: str) -> bool:
     """An adapter folder, local or on an object store (checked there without downloading)."""
-    return storage.has_files(path, (ADAPTER_CONFIG, WEIGHTS)) if storage.is_remote(path) else is_adapter_folder(Path(path))
+    return storage.has_files(path, (CONFIG, WEIGHTS)) if storage.is_remote(path) else is_adapter_folder(Path(path))
 
 
 def _in_root(root: Path, name: str) -> Path | None:
@@ -42,7 +36,7 @@ def resolve(cfg: ServeSection, name: str) -> Path:
     if name in cfg.adapters:
         folder = _fetched(name, cfg.adapters[name]) if storage.is_remote(cfg.adapters[name]) else Path(cfg.adapters[name])
         if not is_adapter_folder(folder):
-            raise UnknownAdapter(f"adapter {name!r}: {folder} has no {ADAPTER_CONFIG} + {WEIGHTS}")
+            raise UnknownAdapter(f"adapter {name!r}: {folder} has no {CONFIG} + {WEIGHTS}")
         return folder
     if cfg.adapter_root and (folder := _in_root(Path(cfg.adapter_root), name)):
         return folder

@@ -24,7 +24,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from jobs.config import RunConfig
-from jobs.model import load_tokenizer, model_config, model_kind, uses_chat_template
+from jobs.model import model_config
+from jobs.prompting import Prompting
 from serve import adapters, protocol
 from serve.engine import AdapterLoadError
 from serve.generation import GenRequest
@@ -90,10 +91,8 @@ class Gateway:
     def __init__(self, engine: DeploymentHandle, run: dict, api_key: str | None = None):  # noqa: D107
         run = RunConfig.model_validate(run)
         self.engine, self.cfg = engine, run.serve
-        self.tokenizer = load_tokenizer(run.model)
-        self.use_chat = uses_chat_template(run.model, self.tokenizer)
-        self.kind = model_kind(run.model)
-        self.context = context_length(run, self.tokenizer)
+        self.prompting = Prompting.load(run.model)
+        self.context = context_length(run, self.prompting.tokenizer)
         self.base_name = base_model_name(run)
         self.system_prompt = run.data.system_prompt
         self.api_key = api_key or os.environ.get(run.serve.api_key_env) or None
@@ -113,7 +112,7 @@ class Gateway:
     async def completions(self, request: Request):
         self._authorize(request)
         body = await self._parse(request, protocol.CompletionRequest)
-        prompt_ids = self.tokenizer(body.prompt, add_special_tokens=True)["input_ids"]
+        prompt_ids = self.prompting.tokenizer(body.prompt, add_special_tokens=True)["input_ids"]
         return await self._answer(body, prompt_ids, chat=False)
 
     @api.post("/v1/chat/completions")
@@ -149,17 +148,17 @@ class Gateway:
 
     def _chat_prompt(self, body: protocol.ChatRequest) -> list[int]:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
-        if not self.use_chat:
+        if not self.prompting.use_chat:
             if len(messages) != 1 or messages[0]["role"] != "user":
                 raise ApiError(400, "this model has no chat template: send exactly one user message, or use /v1/completions", param="messages")
-            return self.tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"]
+            return self.prompting.tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"]
         if self.system_prompt and messages[0]["role"] != "system":  # as in training
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.prompting.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # templates may refuse role orders (e.g. two system messages)
             raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages") from None
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.prompting.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _adapter(self, model: str) -> str | None:
         if model == self.base_name:
@@ -175,9 +174,9 @@ class Gateway:
         max_tokens = self.cfg.default_max_tokens if max_tokens is None else max_tokens
         if not 1 <= max_tokens <= self.cfg.max_tokens_limit:
             raise ApiError(400, f"max_tokens = {max_tokens}: ask for 1 to {self.cfg.max_tokens_limit} tokens (this server's limit)", param="max_tokens")
-        room = self.context - (max_tokens if self.kind == "causal" else 0)
+        room = self.context - (max_tokens if self.prompting.kind == "causal" else 0)
         if prompt_tokens > room:
-            need = f"the prompt has {prompt_tokens} tokens" + (f" and max_tokens is {max_tokens}" if self.kind == "causal" else "")
+            need = f"the prompt has {prompt_tokens} tokens" + (f" and max_tokens is {max_tokens}" if self.prompting.kind == "causal" else "")
             raise ApiError(400, f"{need}, more than the model's context of {self.context} tokens; shorten the prompt or lower max_tokens",
                            param="messages" if isinstance(body, protocol.ChatRequest) else "prompt", code="context_length_exceeded")
         return max_tokens

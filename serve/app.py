@@ -16,11 +16,11 @@ import yaml
 from ray import serve
 from ray.serve import Application
 
-from jobs import cluster
+from jobs import adapter, cluster
 from jobs.config import ConfigError, RunConfig, with_absolute_paths
 from jobs.model import load_tokenizer, model_kind
 from serve import adapters
-from serve.api import Gateway
+from serve.api import Gateway, base_model_name
 from serve.engine import Engine
 
 IMPORT_PATH = "serve.app:build_app"
@@ -64,7 +64,7 @@ def build_app(args: dict[str, Any]) -> Application:
 
 def check(run: RunConfig) -> None:
     """Fail before Ray starts: the model loads its tokenizer and every named adapter exists."""
-    problems = [f"serve.adapters.{name} = {path!r}: no {adapters.ADAPTER_CONFIG} + {adapters.WEIGHTS} there; train or sweep first, or fix the path"
+    problems = [f"serve.adapters.{name} = {path!r}: no {adapter.CONFIG} + {adapter.WEIGHTS} there; train or sweep first, or fix the path"
                 for name, path in run.serve.adapters.items() if not adapters.exists(path)]
     if run.serve.adapter_root and not os.path.isdir(run.serve.adapter_root):
         problems.append(f"serve.adapter_root = {run.serve.adapter_root!r}: no such folder; create it or fix the path")
@@ -98,6 +98,13 @@ def deploy(run: RunConfig) -> str:
     serve.start(http_options={"host": run.serve.host, "port": run.serve.port})
     serve.run(application(run), name=run.serve.name, route_prefix=run.serve.route_prefix)
     return endpoint(run)
+
+
+def serving_summary(run: RunConfig, url: str) -> str:
+    """What `lorafleet serve` prints once the app is up: where, which models, a request to try."""
+    models = ", ".join([base_model_name(run), *adapters.names(run.serve)])
+    key = " -H 'Authorization: Bearer $KEY'" if run.serve.bearer_token() else ""
+    return f"serving {url}  models: {models}\ntry: curl {url}/models{key}"
 
 
 def embedded(run: RunConfig) -> bool:

@@ -24,8 +24,10 @@ from peft import PeftModel
 from ray import serve
 from safetensors.torch import load_file
 
+from jobs import adapter
 from jobs.config import RunConfig
-from jobs.model import load_base, load_tokenizer, model_kind
+from jobs.model import load_base
+from jobs.prompting import Prompting
 from serve import adapters
 from serve.generation import Delta, GenRequest, Progress, eos_token_ids, generate_kwargs
 
@@ -47,7 +49,7 @@ def serving_run(run: RunConfig) -> RunConfig:
 def check_fits(model, name: str, folder: Path) -> None:
     """AdapterLoadError unless every LoRA matrix of the adapter fits a module of this base."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    for key, tensor in load_file(folder / adapters.WEIGHTS).items():
+    for key, tensor in load_file(folder / adapter.WEIGHTS).items():
         side = "A" if ".lora_A." in key else "B" if ".lora_B." in key else None
         if side is None:
             continue
@@ -84,10 +86,9 @@ class Engine:
         torch.set_num_threads(max(1, cpus))  # one replica per `CPU` share, not every core each
         use_gpu = run.serve.replica_resources.get("GPU", 0) > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.kind = model_kind(run.model)
-        self.tokenizer = load_tokenizer(run.model)
-        self.model = load_base(serving_run(run), self.device, self.kind).eval()
-        self.eos = eos_token_ids(self.model, self.tokenizer)
+        self.prompting = Prompting.load(run.model)
+        self.model = load_base(serving_run(run), self.device, self.prompting.kind).eval()
+        self.eos = eos_token_ids(self.model, self.prompting.tokenizer)
         self.lock = threading.Lock()
 
         async def load(name: str) -> LoadedAdapter:  # a plain function: Serve keeps its LRU cache on it
@@ -96,7 +97,7 @@ class Engine:
         self.adapter = serve.multiplexed(max_num_models_per_replica=run.serve.max_adapters_per_replica)(load)
         self.generate_batch.set_max_batch_size(run.serve.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(run.serve.batch_wait_timeout_s)
-        log.info("engine ready: %s (%s) on %s, batches of up to %d", run.model.name, self.kind, self.device, run.serve.max_batch_size)
+        log.info("engine ready: %s (%s) on %s, batches of up to %d", run.model.name, self.prompting.kind, self.device, run.serve.max_batch_size)
 
     async def _load(self, name: str) -> LoadedAdapter:
         folder = adapters.resolve(self.serve_cfg, name)
@@ -178,7 +179,7 @@ class Engine:
         def put(item) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        progress = Progress(group, self.tokenizer, self.eos, put)
+        progress = Progress(group, self.prompting.tokenizer, self.eos, put)
 
         def work() -> None:
             try:
@@ -187,7 +188,7 @@ class Engine:
                     if group[0].seed is not None:
                         torch.manual_seed(group[0].seed)
                     with self._single_adapter(group) as mixed, torch.inference_mode():
-                        self.model.generate(**generate_kwargs(group, self.tokenizer, self.kind, self.device, progress, mixed))
+                        self.model.generate(**generate_kwargs(group, self.prompting, self.device, progress, mixed))
                 put(progress.close())
                 put(_END)
             except Exception as exc:  # delivered to every request of the group

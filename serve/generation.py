@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from jobs.prompting import Prompting
+
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 GREEDY_BELOW = 1e-3  # temperatures under this decode greedily
 
@@ -91,19 +93,14 @@ class Progress(StoppingCriteria):
         return [None if f else self._finish(row, "length") for row, f in enumerate(self.finished)]
 
 
-def generate_kwargs(requests: list[GenRequest], tokenizer, kind: str, device, progress: Progress, mixed_adapters: bool) -> dict:
+def generate_kwargs(requests: list[GenRequest], prompting: Prompting, device, progress: Progress, mixed_adapters: bool) -> dict:
     """Arguments of one `model.generate` call for requests sharing a sampling key."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left" if kind == "causal" else "right"  # causal rows must all end at the same column
-    try:
-        inputs = tokenizer.pad({"input_ids": [r.prompt_ids for r in requests]}, padding=True, return_tensors="pt").to(device)
-    finally:
-        tokenizer.padding_side = side
+    inputs = prompting.pad_for_generation([r.prompt_ids for r in requests]).to(device)
     first = requests[0]
     # A tiny temperature (say 1e-308) overflows logits / temperature to inf; its limit is greedy decoding anyway.
     sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p} if first.temperature >= GREEDY_BELOW else {"do_sample": False}
     kwargs = {**inputs, **sampling, "max_new_tokens": max(r.max_tokens for r in requests), "stopping_criteria": StoppingCriteriaList([progress]),
-              "pad_token_id": tokenizer.pad_token_id, "use_cache": True}
+              "pad_token_id": prompting.tokenizer.pad_token_id, "use_cache": True}
     if mixed_adapters:  # PEFT routes each row through its own adapter in the same forward pass
         kwargs["adapter_names"] = [r.adapter or BASE for r in requests]
     return kwargs

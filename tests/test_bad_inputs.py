@@ -70,9 +70,10 @@ def test_broken_configs_are_refused_with_every_problem_at_once(name):
 def test_skipping_bad_rows_is_said_not_silent(tiny_causal, tmp_path):
     from jobs.data import prepare
     from jobs.model import load_tokenizer
+    from jobs.prompting import Prompting
 
     run = load_config(None, [f"model.name={tiny_causal}", f"data.path={CORPUS / 'data' / 'missing-fields.jsonl'}", "data.bad_rows=skip",
                              "data.validation_fraction=0"])
-    data = prepare(run.data, load_tokenizer(run.model), "causal", True)
+    data = prepare(run.data, Prompting(load_tokenizer(run.model), "causal", True))
     assert len(data.train) == 1
     assert data.report["rows_read"] == 5 and data.report["bad_rows"] == 4 and len(data.report["bad_row_details"]) == 4

@@ -8,7 +8,8 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from jobs.config import DataConfig
-from jobs.data import DataError, encode, load_examples, prepare, prompt_text
+from jobs.data import DataError, encode, load_examples, prepare
+from jobs.prompting import Prompting
 
 ROWS = [{"id": f"r{i}", "input": f"Day: Monday, Score: {i}", "output": f"output {i}"} for i in range(10)]
 
@@ -106,8 +107,8 @@ def test_empty_and_missing_files(tmp_path):
 def test_causal_masks_the_prompt_and_ends_with_eos(tiny_causal):
     tok = AutoTokenizer.from_pretrained(tiny_causal)
     cfg = DataConfig()
-    out = encode({"prompt": "Day: Monday", "target": "output first"}, tok, "causal", use_chat=True, cfg=cfg)
-    prompt_ids = tok(prompt_text("Day: Monday", tok, True, None), add_special_tokens=False)["input_ids"]
+    out = encode({"prompt": "Day: Monday", "target": "output first"}, Prompting(tok, "causal", True), cfg)
+    prompt_ids = tok(Prompting(tok, "causal", True).text("Day: Monday", None), add_special_tokens=False)["input_ids"]
     target_ids = tok("output first", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert out["input_ids"] == prompt_ids + target_ids
     assert out["labels"] == [-100] * len(prompt_ids) + target_ids
@@ -116,7 +117,7 @@ def test_causal_masks_the_prompt_and_ends_with_eos(tiny_causal):
 
 def test_seq2seq_puts_target_in_labels(tiny_seq2seq):
     tok = AutoTokenizer.from_pretrained(tiny_seq2seq)
-    out = encode({"prompt": "Day: Monday", "target": "output first"}, tok, "seq2seq", use_chat=False, cfg=DataConfig())
+    out = encode({"prompt": "Day: Monday", "target": "output first"}, Prompting(tok, "seq2seq", False), DataConfig())
     assert out["input_ids"] == tok("Day: Monday")["input_ids"]
     assert out["labels"] == tok(text_target="output first")["input_ids"]
     assert out["labels"][-1] == tok.eos_token_id and -100 not in out["labels"]
@@ -125,8 +126,8 @@ def test_seq2seq_puts_target_in_labels(tiny_seq2seq):
 def test_truncation_is_counted_and_split_is_seeded(tiny_causal):
     tok = AutoTokenizer.from_pretrained(tiny_causal)
     cfg = DataConfig(path="demo", demo_rows=50, max_source_length=8, validation_fraction=0.2)
-    first = prepare(cfg, tok, "causal", use_chat=False)
-    again = prepare(cfg, tok, "causal", use_chat=False)
+    first = prepare(cfg, Prompting(tok, "causal", False))
+    again = prepare(cfg, Prompting(tok, "causal", False))
     assert first.report["train"]["truncated_share"] == 1.0
     assert first.report["train"]["rows"] == 40 and first.report["validation"]["rows"] == 10
     assert [e["id"] for e in first.eval_examples] == [e["id"] for e in again.eval_examples]

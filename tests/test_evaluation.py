@@ -34,7 +34,9 @@ def _run(tiny_causal, tmp_path, *extra):
 
 def test_report_has_every_section_and_both_models(tiny_causal, adapter_dir, tmp_path):
     run = _run(tiny_causal, tmp_path)
-    results = run_eval(run, adapter_dir, with_base=True, output_dir=tmp_path / "eval", predictions=tmp_path / "preds.jsonl")
+    outcome = run_eval(run, adapter_dir, with_base=True, output_dir=tmp_path / "eval", predictions=tmp_path / "preds.jsonl")
+    results = outcome.results
+    assert "| metric | base | adapter | delta |" in outcome.summary_md and "## Failed generations" not in outcome.summary_md
     assert set(results) == {"base", "adapter"}
     assert [g.text for g in results["base"].generations] != [g.text for g in results["adapter"].generations]
     report = (tmp_path / "eval" / "eval.md").read_text()
@@ -56,7 +58,7 @@ def test_failed_generations_are_counted_and_scored_zero(tiny_causal, tmp_path, m
     from jobs.generate import Generation
 
     monkeypatch.setattr(evaluation, "generate", lambda model, tok, prompts, *a, **k: [Generation(None, "empty generation")] * len(prompts))
-    results = run_eval(_run(tiny_causal, tmp_path), None, with_base=True, output_dir=tmp_path / "eval")
+    results = run_eval(_run(tiny_causal, tmp_path), None, with_base=True, output_dir=tmp_path / "eval").results
     metrics = results["base"].metrics
     assert metrics["failed_generations"] == 10 and metrics["f1"] == 0.0 and metrics["rouge1"] == 0.0
     assert "10 of 10 generations failed (scored 0, not left out). Reasons: empty generation x10" in (tmp_path / "eval" / "eval.md").read_text()

@@ -7,6 +7,7 @@ from transformers import AutoTokenizer
 from jobs.config import load_config
 from jobs.generate import cut_at_stop, generate
 from jobs.model import load_base
+from jobs.prompting import Prompting
 
 CPU = torch.device("cpu")
 PROMPTS = [
@@ -24,8 +25,8 @@ def test_batch_generates_exactly_what_each_example_alone_generates(fixture, kind
     run = load_config(None, [f"model.name={model_dir}", f"quantization.mode={quant}", "eval.max_new_tokens=12"])
     model, tokenizer = load_base(run, CPU, kind), AutoTokenizer.from_pretrained(model_dir)
     use_chat = kind == "causal"
-    batched = generate(model, tokenizer, PROMPTS, kind, use_chat, run.data, run.eval.model_copy(update={"batch_size": 5}))
-    alone = [generate(model, tokenizer, [p], kind, use_chat, run.data, run.eval)[0] for p in PROMPTS]
+    batched = generate(model, Prompting(tokenizer, kind, use_chat), PROMPTS, run.data, run.eval.model_copy(update={"batch_size": 5}))
+    alone = [generate(model, Prompting(tokenizer, kind, use_chat), [p], run.data, run.eval)[0] for p in PROMPTS]
     assert [g.text for g in batched] == [g.text for g in alone]
     assert len({g.text for g in batched}) > 1, "different prompts give different outputs (no mix-up possible to miss)"
 
@@ -41,7 +42,7 @@ def test_failures_are_reported_per_example(tiny_causal, monkeypatch):
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(model, "generate", flaky)
-    results = generate(model, tokenizer, [PROMPTS[0], PROMPTS[1]], "causal", True, run.data, run.eval)
+    results = generate(model, Prompting(tokenizer, "causal", True), [PROMPTS[0], PROMPTS[1]], run.data, run.eval)
     assert results[0].error is None and results[0].text
     assert results[1].text is None and results[1].error == "RuntimeError: out of memory"
 
@@ -54,10 +55,10 @@ def test_stop_strings_are_cut():
 def test_plain_prompt_beam_search_and_seeded_sampling(tiny_causal):
     run = load_config(None, [f"model.name={tiny_causal}", "quantization.mode=none", "eval.max_new_tokens=6"])
     model, tokenizer = load_base(run, CPU, "causal"), AutoTokenizer.from_pretrained(tiny_causal)
-    plain = generate(model, tokenizer, PROMPTS[:2], "causal", False, run.data, run.eval)
-    beams = generate(model, tokenizer, PROMPTS[:2], "causal", False, run.data, run.eval.model_copy(update={"num_beams": 3}))
+    plain = generate(model, Prompting(tokenizer, "causal", False), PROMPTS[:2], run.data, run.eval)
+    beams = generate(model, Prompting(tokenizer, "causal", False), PROMPTS[:2], run.data, run.eval.model_copy(update={"num_beams": 3}))
     sampling = run.eval.model_copy(update={"do_sample": True, "temperature": 1.5, "seed": 7})
-    first, again = (generate(model, tokenizer, PROMPTS[:2], "causal", False, run.data, sampling) for _ in range(2))
+    first, again = (generate(model, Prompting(tokenizer, "causal", False), PROMPTS[:2], run.data, sampling) for _ in range(2))
     assert all(g.text for g in plain + beams + first)
     assert [g.text for g in first] == [g.text for g in again], "sampling is seeded"
     assert [g.text for g in first] != [g.text for g in plain]

@@ -8,6 +8,7 @@ from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer
 from jobs.config import ConfigError, load_config
 from jobs.data import prepare
 from jobs.model import load_adapter, load_base, load_for_training, model_kind, uses_chat_template
+from jobs.prompting import Prompting
 from jobs.train import training_arguments
 
 CPU = torch.device("cpu")
@@ -24,7 +25,7 @@ def test_qlora_trains_saves_and_reloads_to_identical_logits(fixture, expected_ki
     kind = model_kind(run.model)
     assert kind == expected_kind
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data = prepare(run.data, tokenizer, kind, uses_chat_template(run.model, tokenizer))
+    data = prepare(run.data, Prompting(tokenizer, kind, uses_chat_template(run.model, tokenizer)))
     model = load_for_training(run, CPU, kind)
 
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()), "the frozen base is 4-bit"
@@ -61,7 +62,7 @@ def test_an_evaluation_leaves_the_4bit_base_training_as_before(tiny_causal, tmp_
     model = load_for_training(run, CPU, "causal")
     assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
     tokenizer = AutoTokenizer.from_pretrained(tiny_causal)
-    data = prepare(run.data, tokenizer, "causal", True)
+    data = prepare(run.data, Prompting(tokenizer, "causal", True))
     batch = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)([data.train[i] for i in range(4)])
 
     def lora_gradients():

@@ -134,7 +134,7 @@ def test_pipeline_and_sweep_keep_everything_in_s3(s3, tiny_causal, tmp_path):
 
 
 def test_a_crash_while_writing_never_leaves_a_half_adapter_where_readers_look(s3, tmp_path, monkeypatch):
-    from jobs.train import install_adapter
+    from jobs.adapter import install as install_adapter
     from serve import adapters
 
     checkpoint = _folder(tmp_path / "ckpt", {"adapter_config.json": "{}", "adapter_model.safetensors": "new", "tokenizer.json": "{}"})

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 from jobs.config import load_config
 from jobs.data import DataError, prepare
 from jobs.model import load_adapter, load_base
+from jobs.prompting import Prompting
 from jobs.train import train
 
 pytestmark = pytest.mark.ray
@@ -61,7 +62,7 @@ def test_two_worker_qlora_run(local_ray, tiny_causal, tmp_path):
 
     # The exported adapter is the final checkpoint's, in plain PEFT format, and reloads exactly.
     tokenizer = AutoTokenizer.from_pretrained(outcome.adapter_dir)
-    data = prepare(run.data, tokenizer, "causal", True)
+    data = prepare(run.data, Prompting(tokenizer, "causal", True))
     batch = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)([data.eval[i] for i in range(3)])
     with torch.no_grad():
         exported = load_adapter(run, outcome.adapter_dir, CPU, "causal").eval()(**batch).logits
@@ -123,7 +124,7 @@ def test_deepspeed_zero2_with_4bit_on_two_workers(local_ray, tiny_causal, tmp_pa
     assert any("lora_A" in k for k in states) and not any(k.endswith("base_layer.weight") for k in states)
     with torch.no_grad():
         tokenizer = AutoTokenizer.from_pretrained(outcome.adapter_dir)
-        batch = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)([prepare(run.data, tokenizer, "causal", True).eval[i] for i in range(2)])
+        batch = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)([prepare(run.data, Prompting(tokenizer, "causal", True)).eval[i] for i in range(2)])
         tuned = load_adapter(run, outcome.adapter_dir, CPU, "causal").eval()(**batch).logits
         base = load_base(run, CPU, "causal").eval()(**batch).logits
     assert not torch.allclose(tuned, base)

@@ -15,9 +15,8 @@ from typing import Any
 from ray.tune import ExperimentAnalysis
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
-from jobs import report, storage
+from jobs import adapter, report, storage
 from jobs.config import RunConfig, dump_config
-from jobs.train import HF_CHECKPOINT, install_adapter
 from tune.space import planned_steps, trial_config
 
 STATUS = {"TERMINATED": "completed", "ERROR": "failed", "PENDING": "not started", "PAUSED": "paused", "RUNNING": "interrupted"}
@@ -111,7 +110,8 @@ def plot_curves(rows: list[TrialRow], path: Path, metric: str) -> None:
     report.plt.close(fig)
 
 
-def write_markdown(rows: list[TrialRow], path: Path, run: RunConfig, summary: dict[str, Any]) -> None:
+def write_markdown(rows: list[TrialRow], path: Path, run: RunConfig, summary: dict[str, Any]) -> str:
+    """leaderboard.md; returns its head (title, totals, the table, failed trials): what the CLI prints."""
     metric = run.tune.metric
     keys = sorted({k for r in rows for k in r.params})
     header = ["#", "trial", "status", *keys, f"best {metric}", "at step", "steps run", "wall s", "attempts"]
@@ -130,6 +130,7 @@ def write_markdown(rows: list[TrialRow], path: Path, run: RunConfig, summary: di
     failed = [r for r in rows if r.error]
     if failed:
         lines += ["", "## Failed trials", ""] + [f"- {r.trial_id} after {r.attempts} attempt(s): `{r.error}`" for r in failed]
+    head = "\n".join(lines) + "\n"
     lines += ["", "## Metric curves", "", "![curves](curves.png)", ""]
     best = summary.get("best")
     if best:
@@ -144,6 +145,7 @@ def write_markdown(rows: list[TrialRow], path: Path, run: RunConfig, summary: di
             "```",
         ]
     path.write_text("\n".join(lines) + "\n")
+    return head
 
 
 def export_best(rows: list[TrialRow], sweep_dir: Path, run: RunConfig, base: dict[str, Any], targets: dict[str, Any]) -> dict[str, Any] | None:
@@ -153,7 +155,7 @@ def export_best(rows: list[TrialRow], sweep_dir: Path, run: RunConfig, base: dic
         return None
     best_dir = sweep_dir / "best"
     with storage.checkpoint_dir(best.checkpoint, run.ray.storage_path) as checkpoint:
-        install_adapter(checkpoint / HF_CHECKPOINT, best_dir / "adapter")
+        adapter.install_from_checkpoint(checkpoint, best_dir / "adapter")
     trial_run = trial_config(base, best.params, targets, run.tune.lora_alpha_ratio)
     (best_dir / "config.yaml").write_text(dump_config(trial_run))
     lineage = {

@@ -23,9 +23,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
 from jobs import cluster, storage
-from jobs.config import ConfigError, RunConfig, dump_config, load_config, sweep_problems, with_absolute_paths
+from jobs.config import ConfigError, RunConfig, TuneSection, dump_config, load_config, sweep_problems, with_absolute_paths
 from jobs.data import prepare
-from jobs.model import load_tokenizer, model_kind, uses_chat_template
+from jobs.prompting import Prompting
 from tune import leaderboard
 from tune.space import max_trial_steps, param_space, resolve_target_sets
 from tune.trial import run_trial
@@ -41,6 +41,7 @@ class SweepOutcome:
     sweep_dir: Path
     rows: list[leaderboard.TrialRow]
     summary: dict[str, Any]
+    summary_md: str  # the leaderboard's head, for the CLI to print
     published: str | None = None  # the results' copy on ray.storage_path when that is s3:// or gs://
 
 
@@ -61,9 +62,7 @@ def plan(run: RunConfig) -> SweepPlan:
         raise ConfigError(problems, "tune")
     run = with_absolute_paths(run)  # trials run in Ray's session folder, not here
     targets = resolve_target_sets(run)
-    tokenizer = load_tokenizer(run.model)
-    kind = model_kind(run.model)
-    data = prepare(run.data, tokenizer, kind, uses_chat_template(run.model, tokenizer))  # bad data fails here, not in 8 trials
+    data = prepare(run.data, Prompting.load(run.model))  # bad data fails here, not in 8 trials
     base = run.model_dump(mode="json", exclude={"tune"})
     return SweepPlan(run=run, base=base, targets=targets, n_train=len(data.train), max_steps=max_trial_steps(run, len(data.train)))
 
@@ -112,6 +111,11 @@ def _trainable(p: SweepPlan, sweep_dir: Path):
     return tune.with_resources(fn, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
 
 
+def trials_to_sample(t: TuneSection) -> int:
+    """Tune's num_samples: under grid search it repeats the grid, so it defaults to one pass."""
+    return t.num_samples if t.search_alg != "grid" or "num_samples" in t.model_fields_set else 1
+
+
 def _tuner(p: SweepPlan, sweep_dir: Path, resume: bool) -> tune.Tuner:
     experiment = sweep_dir / EXPERIMENT
     if resume:
@@ -124,7 +128,7 @@ def _tuner(p: SweepPlan, sweep_dir: Path, resume: bool) -> tune.Tuner:
         tune_config=tune.TuneConfig(
             metric=t.metric,
             mode=t.resolved_mode(),
-            num_samples=t.trials_to_sample(),
+            num_samples=trials_to_sample(t),
             search_alg=_search_alg(p.run, max_concurrent_trials(p.run)),
             scheduler=_scheduler(p),
             time_budget_s=t.time_budget_s,
@@ -143,7 +147,7 @@ def _prepare_dir(run: RunConfig, sweep_dir: Path, resume: bool) -> None:
     (sweep_dir / SWEEP_CONFIG).write_text(dump_config(run))
 
 
-def write_results(p: SweepPlan, sweep_dir: Path, wall_s: float) -> tuple[list[leaderboard.TrialRow], dict[str, Any]]:
+def write_results(p: SweepPlan, sweep_dir: Path, wall_s: float) -> tuple[list[leaderboard.TrialRow], dict[str, Any], str]:
     metric = p.run.tune.metric
     rows = leaderboard.collect(sweep_dir / EXPERIMENT, p.run, p.base, p.targets, p.n_train)
     lineage = leaderboard.export_best(rows, sweep_dir, p.run, p.base, p.targets)
@@ -151,9 +155,9 @@ def write_results(p: SweepPlan, sweep_dir: Path, wall_s: float) -> tuple[list[le
     summary = {"trials": len(rows), "trial_steps": sum(r.steps_run for r in rows), "wall_s": round(wall_s, 1), "max_steps_per_trial": p.max_steps, "best": best}
     leaderboard.write_csv(rows, sweep_dir / "leaderboard.csv", metric)
     leaderboard.plot_curves(rows, sweep_dir / "curves.png", metric)
-    leaderboard.write_markdown(rows, sweep_dir / "leaderboard.md", p.run, summary)
+    head = leaderboard.write_markdown(rows, sweep_dir / "leaderboard.md", p.run, summary)
     (sweep_dir / "sweep.json").write_text(json.dumps({**summary, "rows": leaderboard.rows_as_dicts(rows)}, indent=2, default=str))
-    return rows, summary
+    return rows, summary, head
 
 
 def sweep(run: RunConfig, resume: bool = False) -> SweepOutcome:
@@ -165,9 +169,9 @@ def sweep(run: RunConfig, resume: bool = False) -> SweepOutcome:
     cluster.connect(run.ray.address)
     tuner = _tuner(p, sweep_dir, resume)
     tuner.fit()
-    rows, summary = write_results(p, sweep_dir, time.time() - started)
+    rows, summary, head = write_results(p, sweep_dir, time.time() - started)
     published = storage.publish(sweep_dir, run.ray.storage_path, skip=(TRAIN_RUNS, EXPERIMENT))
-    return SweepOutcome(sweep_dir=sweep_dir, rows=rows, summary=summary, published=published)
+    return SweepOutcome(sweep_dir=sweep_dir, rows=rows, summary=summary, summary_md=head, published=published)
 
 
 def resume_config(sweep_dir: Path) -> RunConfig:

@@ -13,17 +13,15 @@ from typing import Any
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from jobs.cluster import RunPlacement
 from jobs.data import prepare
-from jobs.model import load_tokenizer, model_kind, uses_chat_template
-from jobs.train import RunPlacement, fit
+from jobs.prompting import Prompting
+from jobs.train import fit
 from tune.space import trial_config
 
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], targets: dict[str, Any], alpha_ratio: float | None, storage: str, score: tuple[str, str]) -> None:
     run = trial_config(base, params, targets, alpha_ratio)
-    tokenizer = load_tokenizer(run.model)
-    kind = model_kind(run.model)
-    use_chat = uses_chat_template(run.model, tokenizer)
-    data = prepare(run.data, tokenizer, kind, use_chat)
+    prompting = Prompting.load(run.model)
     placement = RunPlacement(name=ray.tune.get_context().get_trial_id(), storage_path=storage, callbacks=(TuneReportCallback(),), score=score)
-    fit(run, data, kind, use_chat, placement)
+    fit(run, prepare(run.data, prompting), prompting, placement)

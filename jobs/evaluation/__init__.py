@@ -25,7 +25,8 @@ from jobs.config import RunConfig
 from jobs.data import DataError, encode, load_examples, split
 from jobs.generate import Generation, generate
 from jobs.metrics import aggregate, metric_names, score
-from jobs.model import attach_adapter, load_base, load_tokenizer, model_kind, uses_chat_template
+from jobs.model import attach_adapter, load_base
+from jobs.prompting import Prompting
 from jobs.report import fmt, plot_bars
 
 SHOWN_PER_MODEL = ("base", "adapter")
@@ -39,6 +40,13 @@ class ModelResult:
     metrics: dict[str, float]
     failures: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+
+
+@dataclass
+class EvalOutcome:
+    results: dict[str, ModelResult]  # "base" and/or "adapter"
+    report: Path  # eval.md
+    summary_md: str  # its head: what was evaluated and the metrics side by side, for the CLI to print
 
 
 def eval_examples(run: RunConfig) -> list[dict[str, Any]]:
@@ -57,18 +65,19 @@ def json_schema(run: RunConfig) -> dict[str, Any] | None:
     return yaml.safe_load(Path(schema).read_text()) if isinstance(schema, str) else schema
 
 
-def loss_and_perplexity(model, tokenizer, examples: list[dict[str, Any]], kind: str, use_chat: bool, run: RunConfig) -> dict[str, float]:
+def loss_and_perplexity(model, prompting: Prompting, examples: list[dict[str, Any]], run: RunConfig) -> dict[str, float]:
     """Token-weighted mean loss over the targets (prompts masked, as in training)."""
-    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
-    encoded = [{k: v for k, v in encode(e, tokenizer, kind, use_chat, run.data).items() if k in ("input_ids", "attention_mask", "labels")} for e in examples]
+    collate = DataCollatorForSeq2Seq(prompting.tokenizer, label_pad_token_id=-100)
+    seq2seq = prompting.kind == "seq2seq"
+    encoded = [{k: v for k, v in encode(e, prompting, run.data).items() if k in ("input_ids", "attention_mask", "labels")} for e in examples]
     total_loss, total_tokens = 0.0, 0
     model.eval()
     with torch.no_grad():
         for start in range(0, len(encoded), run.eval.batch_size):
             batch = collate(encoded[start : start + run.eval.batch_size]).to(model.device)
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}, **({"labels": batch["labels"]} if kind == "seq2seq" else {})).logits
-            labels = batch["labels"] if kind == "seq2seq" else batch["labels"][:, 1:]
-            logits = logits if kind == "seq2seq" else logits[:, :-1]
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}, **({"labels": batch["labels"]} if seq2seq else {})).logits
+            labels = batch["labels"] if seq2seq else batch["labels"][:, 1:]
+            logits = logits if seq2seq else logits[:, :-1]
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
             total_loss += float(loss)
             total_tokens += int((labels != -100).sum())
@@ -76,42 +85,40 @@ def loss_and_perplexity(model, tokenizer, examples: list[dict[str, Any]], kind: 
     return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50))}
 
 
-def task_metrics(run: RunConfig, model, tokenizer, examples: list[dict[str, Any]], kind: str, use_chat: bool, desc: str) -> tuple[list[Generation], list[dict[str, float]], dict[str, float]]:
+def task_metrics(run: RunConfig, model, prompting: Prompting, examples: list[dict[str, Any]], desc: str) -> tuple[list[Generation], list[dict[str, float]], dict[str, float]]:
     """Generate for every example and score it; failures count as 0 and are counted."""
     schema = json_schema(run)
-    generations = generate(model, tokenizer, [e["prompt"] for e in examples], kind, use_chat, run.data, run.eval, desc=desc)
+    generations = generate(model, prompting, [e["prompt"] for e in examples], run.data, run.eval, desc=desc)
     per_example = [score(g.text, e["references"], run.eval.metrics, schema) for g, e in zip(generations, examples, strict=True)]
     metrics = aggregate(per_example, metric_names(run.eval.metrics, schema))
     metrics["failed_generations"] = sum(g.error is not None for g in generations)
     return generations, per_example, metrics
 
 
-def evaluate_model(label: str, model, tokenizer, examples: list[dict[str, Any]], kind: str, use_chat: bool, run: RunConfig) -> ModelResult:
+def evaluate_model(label: str, model, prompting: Prompting, examples: list[dict[str, Any]], run: RunConfig) -> ModelResult:
     started = time.time()
-    generations, per_example, metrics = task_metrics(run, model, tokenizer, examples, kind, use_chat, desc=f"Generating ({label})")
-    metrics = {**loss_and_perplexity(model, tokenizer, examples, kind, use_chat, run), **metrics}
+    generations, per_example, metrics = task_metrics(run, model, prompting, examples, desc=f"Generating ({label})")
+    metrics = {**loss_and_perplexity(model, prompting, examples, run), **metrics}
     failures = Counter(g.error for g in generations if g.error is not None)
     return ModelResult(label, generations, per_example, metrics, dict(failures), round(time.time() - started, 1))
 
 
-def run_eval(run: RunConfig, adapter: Path | None, with_base: bool, output_dir: Path, predictions: Path | None = None) -> dict[str, ModelResult]:
+def run_eval(run: RunConfig, adapter: Path | None, with_base: bool, output_dir: Path, predictions: Path | None = None) -> EvalOutcome:
     """The base model (with_base) then the adapter, on one loaded base model; writes the reports."""
     examples = eval_examples(run)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(run.model)
-    kind = model_kind(run.model)
-    use_chat = uses_chat_template(run.model, tokenizer)
-    model = load_base(run, device, kind)
+    prompting = Prompting.load(run.model)
+    model = load_base(run, device, prompting.kind)
     results: dict[str, ModelResult] = {}
     if with_base:
-        results["base"] = evaluate_model("base", model, tokenizer, examples, kind, use_chat, run)
+        results["base"] = evaluate_model("base", model, prompting, examples, run)
     if adapter is not None:
-        results["adapter"] = evaluate_model("adapter", attach_adapter(model, adapter), tokenizer, examples, kind, use_chat, run)
+        results["adapter"] = evaluate_model("adapter", attach_adapter(model, adapter), prompting, examples, run)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_reports(output_dir, run, examples, results, adapter)
+    head = write_reports(output_dir, run, examples, results, adapter)
     if predictions is not None:
         write_predictions(predictions, examples, results)
-    return results
+    return EvalOutcome(results=results, report=output_dir / "eval.md", summary_md=head)
 
 
 def write_predictions(path: Path, examples: list[dict[str, Any]], results: dict[str, ModelResult]) -> None:
@@ -159,7 +166,8 @@ def _samples(examples: list[dict[str, Any]], results: dict[str, ModelResult], co
     return "\n\n".join(blocks)
 
 
-def write_reports(output_dir: Path, run: RunConfig, examples: list[dict[str, Any]], results: dict[str, ModelResult], adapter: Path | None) -> None:
+def write_reports(output_dir: Path, run: RunConfig, examples: list[dict[str, Any]], results: dict[str, ModelResult], adapter: Path | None) -> str:
+    """eval.json, eval.png and eval.md; returns the head of eval.md (what was evaluated, the metrics): what the CLI prints."""
     source = run.data.eval_path or f"{run.data.path} (held-out {run.data.validation_fraction:.0%}, seed {run.data.seed})"
     summary = {"model": run.model.name, "adapter": str(adapter) if adapter else None, "eval_set": source, "examples": len(examples),
                "generation": run.eval.model_dump(mode="json"), "results": {label: {"metrics": r.metrics, "failures": r.failures, "seconds": r.seconds} for label, r in results.items()}}
@@ -176,9 +184,4 @@ def write_reports(output_dir: Path, run: RunConfig, examples: list[dict[str, Any
         "## Sample predictions\n\n" + _samples(examples, results, run.eval.report_samples),
     ]
     (output_dir / "eval.md").write_text("\n\n".join(sections) + "\n")
-
-
-if __name__ == "__main__":
-    from jobs.cli import run_stage
-
-    run_stage("eval")
+    return "\n\n".join(sections[:3]) + "\n"

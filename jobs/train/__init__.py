@@ -26,15 +26,14 @@ import ray.train.torch
 from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-from jobs import cluster, report, storage
+from jobs import adapter, cluster, report, storage
 from jobs.config import RunConfig, dump_config, read_deepspeed
 from jobs.data import PreparedData, prepare
 from jobs.evaluation import task_metrics
-from jobs.model import load_for_training, load_tokenizer, model_kind, parameter_counts, uses_chat_template
+from jobs.model import load_for_training, load_tokenizer, parameter_counts
+from jobs.prompting import Prompting
 
 log = logging.getLogger("lorafleet.train")
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-HF_CHECKPOINT = RayTrainReportCallback.CHECKPOINT_NAME
 FAIL_AT_ENV = "LORAFLEET_FAIL_AT"
 # DeepSpeed keys the Trainer fills from `training.*` when they say "auto".
 TRAINER_OWNED_DEEPSPEED_KEYS = ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "gradient_clipping")
@@ -46,6 +45,16 @@ class TrainOutcome:
     adapter_dir: Path
     metrics: dict[str, Any]
     published: str | None = None  # the copy on ray.storage_path when that is s3:// or gs://
+
+    @property
+    def summary_md(self) -> str:
+        """What the run did and where its outputs are, for the CLI to print."""
+        m = self.metrics
+        pairs = (("train_loss", "train loss"), ("eval_loss", "eval loss"))
+        losses = [f"{label} {m[f'first_{key}']:.4f} -> {m[f'final_{key}']:.4f}" for key, label in pairs if m[f"first_{key}"] is not None]
+        lines = [f"done in {m['job_total_s']} s, {m['steps']} steps: {', '.join(losses) or 'no loss logged'}", f"adapter: {self.adapter_dir}",
+                 f"report:  {self.output_dir / 'report.md'}", f"metrics: {self.output_dir / 'metrics.json'}"]
+        return "\n".join(lines + ([f"copied to {self.published}"] if self.published else []))
 
 
 class RunInfoCallback(TrainerCallback):
@@ -65,13 +74,13 @@ class TaskMetricsCallback(TrainerCallback):
     """At each evaluation, rank 0 generates for a sample of the validation set and adds the task
     metrics (eval_f1, eval_rougeL, ...) to that evaluation's log, so Ray and a sweep see them."""
 
-    def __init__(self, run: RunConfig, examples: list[dict[str, Any]], tokenizer, kind: str, use_chat: bool):
-        self.run, self.examples, self.tokenizer, self.kind, self.use_chat = run, examples, tokenizer, kind, use_chat
+    def __init__(self, run: RunConfig, examples: list[dict[str, Any]], prompting: Prompting):
+        self.run, self.examples, self.prompting = run, examples, prompting
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
         if not self.examples or ray.train.get_context().get_world_rank() != 0:
             return
-        _, _, scores = task_metrics(self.run, model, self.tokenizer, self.examples, self.kind, self.use_chat, desc="Task metrics")
+        _, _, scores = task_metrics(self.run, model, self.prompting, self.examples, desc="Task metrics")
         extra = {f"eval_{name}": value for name, value in scores.items()}
         state.log_history[-1].update(extra)  # the evaluation entry the Trainer just logged
         metrics.update(extra)
@@ -156,7 +165,7 @@ def _local_resume_dir(workdir: Path) -> str | None:
         return None
     with checkpoint.as_directory() as path:
         target = workdir / "resume"
-        shutil.copytree(Path(path) / HF_CHECKPOINT, target)
+        shutil.copytree(Path(path) / adapter.IN_CHECKPOINT, target)
     log.info("resuming from checkpoint %s", checkpoint.path)
     return str(target)
 
@@ -166,8 +175,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run = RunConfig.model_validate(config["run"])
     data: PreparedData = ray.get(config["data"])
     device = ray.train.torch.get_device()
-    tokenizer = load_tokenizer(run.model)
-    model = load_for_training(run, device, config["kind"])
+    prompting = Prompting(load_tokenizer(run.model), config["kind"], config["use_chat"])
+    model = load_for_training(run, device, prompting.kind)
     workdir = Path(tempfile.mkdtemp(prefix="lorafleet-worker-"))
     resume_dir = _local_resume_dir(workdir)
     resumed = resume_dir is not None
@@ -176,11 +185,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         args=training_arguments(run, str(workdir / "hf"), data.eval is not None),
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
-        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(prompting.tokenizer, label_pad_token_id=-100),
+        processing_class=prompting.tokenizer,
         callbacks=[
             RunInfoCallback(parameter_counts(model), resumed=resumed),
-            TaskMetricsCallback(run, data.eval_examples[: run.eval.during_training_samples], tokenizer, config["kind"], config["use_chat"]),
+            TaskMetricsCallback(run, data.eval_examples[: run.eval.during_training_samples], prompting),
             FinalEvaluationCallback(),
             FaultInjectionCallback(resumed=resumed),
             RayTrainReportCallback(),
@@ -193,54 +202,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _storage_path(run: RunConfig) -> str:
-    path = run.ray.storage_path
-    return path if "://" in path else str(Path(path).resolve())
-
-
-@dataclass
-class RunPlacement:
-    """Where a Ray Train run lives and who listens to it. A plain training job gets a fresh
-    timestamped name; a sweep trial passes its trial id, so a restarted trial resumes its run."""
-
-    name: str | None = None
-    storage_path: str | None = None
-    callbacks: tuple = ()
-    score: tuple[str, str] = ("eval_loss", "min")
-
-
-def _ray_run_config(run: RunConfig, has_eval: bool, placement: RunPlacement) -> ray.train.RunConfig:
-    name = placement.name or f"{run.ray.name or Path(run.training.output_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return ray.train.RunConfig(
-        name=name,
-        storage_path=placement.storage_path or _storage_path(run),
-        failure_config=ray.train.FailureConfig(max_failures=run.ray.max_failures),
-        worker_runtime_env={"env_vars": _passed_env()},
-        callbacks=list(placement.callbacks),
-        checkpoint_config=ray.train.CheckpointConfig(
-            num_to_keep=run.training.keep_checkpoints,
-            checkpoint_score_attribute=placement.score[0] if has_eval else None,
-            checkpoint_score_order=placement.score[1],
-        ),
-    )
-
-
-def _passed_env() -> dict[str, str]:
-    """Variables the workers need from the driver's environment (offline mode, the test hook)."""
-    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "LORAFLEET_CACHE", "TOKENIZERS_PARALLELISM", FAIL_AT_ENV)
-    return {name: os.environ[name] for name in names if name in os.environ}
-
-
-def fit(run: RunConfig, data: PreparedData, kind: str, use_chat: bool, placement: RunPlacement | None = None) -> ray.train.Result:
+def fit(run: RunConfig, data: PreparedData, prompting: Prompting, placement: cluster.RunPlacement | None = None) -> ray.train.Result:
     cluster.connect(run.ray.address)
     run_json = run.model_dump(mode="json")
     # Inlined here: a DeepSpeed file path of the driver's node need not exist on the workers' nodes.
     run_json["training"]["deepspeed"] = deepspeed_config(run.training.deepspeed)
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": run_json, "data": ray.put(data), "kind": kind, "use_chat": use_chat},
+        # Each worker loads its own tokenizer; the rest of how prompts are read travels with the config.
+        train_loop_config={"run": run_json, "data": ray.put(data), "kind": prompting.kind, "use_chat": prompting.use_chat},
         scaling_config=ray.train.ScalingConfig(num_workers=run.ray.num_workers, use_gpu=run.ray.use_gpu, resources_per_worker=run.ray.resources_per_worker),
-        run_config=_ray_run_config(run, data.eval is not None, placement or RunPlacement()),
+        run_config=cluster.train_run_config(run, data.eval is not None, placement or cluster.RunPlacement(), passed=(FAIL_AT_ENV,)),
     )
     return trainer.fit()
 
@@ -251,40 +223,15 @@ def _chosen_checkpoint(result: ray.train.Result, has_eval: bool) -> ray.train.Ch
     return result.checkpoint
 
 
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Swap a fully written folder into place; readers never see a partial adapter."""
-    if target.exists():
-        old = target.with_name(f".{target.name}-old-{time.time_ns()}")
-        target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old)
-    else:
-        staging.rename(target)
-
-
-def install_adapter(hf_checkpoint: Path, adapter_dir: Path) -> None:
-    """Copy the adapter and tokenizer files of an HF checkpoint folder to `adapter_dir`, atomically."""
-    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix=f".{adapter_dir.name}-"))
-    staging.chmod(0o755)  # mkdtemp makes it owner-only; the adapter is read by Serve and other users
-    try:
-        for item in hf_checkpoint.iterdir():
-            if item.name in ADAPTER_FILES or item.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges", "spiece")):
-                shutil.copy2(item, staging / item.name)
-        _replace_dir(staging, adapter_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already when the swap happened
-
-
 def export(result: ray.train.Result, run: RunConfig, output_dir: Path, has_eval: bool) -> tuple[Path, dict[str, Any]]:
     """Adapter + tokenizer from the chosen checkpoint, and the full log history of the run."""
     chosen = _chosen_checkpoint(result, has_eval)
     adapter_dir = output_dir / "adapter"
     with chosen.as_directory() as path:
-        install_adapter(Path(path) / HF_CHECKPOINT, adapter_dir)
-        chosen_state = json.loads((Path(path) / HF_CHECKPOINT / "trainer_state.json").read_text())
+        adapter.install_from_checkpoint(Path(path), adapter_dir)
+        chosen_state = json.loads((Path(path) / adapter.IN_CHECKPOINT / "trainer_state.json").read_text())
     with result.checkpoint.as_directory() as path:
-        final_state = json.loads((Path(path) / HF_CHECKPOINT / "trainer_state.json").read_text())
+        final_state = json.loads((Path(path) / adapter.IN_CHECKPOINT / "trainer_state.json").read_text())
     info = {"chosen_step": chosen_state["global_step"], "final_step": final_state["global_step"], "checkpoint": chosen.path, "log_history": final_state["log_history"]}
     return adapter_dir, info
 
@@ -293,29 +240,21 @@ def train(run: RunConfig) -> TrainOutcome:
     """Setup, train, save, clean up: the whole job, top to bottom."""
     started = time.time()
     output_dir = Path(run.training.output_dir).resolve()
-    tokenizer = load_tokenizer(run.model)
-    kind = model_kind(run.model)
-    use_chat = uses_chat_template(run.model, tokenizer)
-    data = prepare(run.data, tokenizer, kind, use_chat)
+    prompting = Prompting.load(run.model)
+    data = prepare(run.data, prompting)
     with tempfile.TemporaryDirectory(prefix="lorafleet-check-") as scratch:
         training_arguments(run, scratch, data.eval is not None)  # HF's own checks, before Ray starts
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(dump_config(run))
 
     fit_started = time.time()
-    result = fit(run, data, kind, use_chat)  # raises ray.train.TrainingFailedError once max_failures is spent
+    result = fit(run, data, prompting)  # raises ray.train.TrainingFailedError once max_failures is spent
     fit_seconds = time.time() - fit_started
 
     adapter_dir, info = export(result, run, output_dir, data.eval is not None)
     metrics = report.summarize(info["log_history"], fit_seconds, time.time() - started)
-    metrics.update(chosen_step=info["chosen_step"], final_step=info["final_step"], checkpoint=info["checkpoint"], kind=kind)
+    metrics.update(chosen_step=info["chosen_step"], final_step=info["final_step"], checkpoint=info["checkpoint"], kind=prompting.kind)
     (output_dir / "metrics.json").write_text(json.dumps({**metrics, "data": data.report, "log_history": info["log_history"]}, indent=2))
     report.write(output_dir, run, metrics, data.report, info["log_history"])
     published = storage.publish(output_dir, run.ray.storage_path)
     return TrainOutcome(output_dir=output_dir, adapter_dir=adapter_dir, metrics=metrics, published=published)
-
-
-if __name__ == "__main__":
-    from jobs.cli import run_stage
-
-    run_stage("train")

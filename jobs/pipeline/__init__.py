@@ -18,11 +18,22 @@ import httpx
 from jobs import storage
 from jobs.config import RunConfig, load_config
 from jobs.evaluation import eval_examples, run_eval
-from jobs.model import load_tokenizer, uses_chat_template
+from jobs.prompting import Prompting
 
 
 class PipelineFailed(RuntimeError):
     """A stage produced nothing the next stage can use (e.g. no sweep trial reported its metric)."""
+
+
+@dataclass
+class Fitted:
+    """What training or a sweep hands on: the adapter, the run config that made it, its report."""
+
+    adapter: Path
+    run: RunConfig
+    report: Path  # leaderboard.md (sweep) or report.md (training)
+    summary_md: str  # the sweep's leaderboard head; empty for training, whose eval says it all
+    published: str | None  # the outputs' copy on ray.storage_path (s3:// or gs://), None when storage is local
 
 
 @dataclass
@@ -33,35 +44,35 @@ class PipelineOutcome:
     endpoint: str
     adapter_name: str
     smoke: dict
+    summary_md: str  # leaderboard head (sweep), eval head and the smoke request, for the CLI to print
     published: str | None = None  # the outputs' copy on ray.storage_path (s3:// or gs://), which Serve loads from
 
 
 def adapter_name(run: RunConfig) -> str:
-    folder = Path(run.tune.output_dir if "tune" in run.model_fields_set else run.training.output_dir).name
+    folder = Path(run.tune.output_dir if run.is_sweep else run.training.output_dir).name
     return re.sub(r"[^A-Za-z0-9_.-]", "-", folder).lstrip("._-")[:64] or "adapter"
 
 
-def fit(run: RunConfig) -> tuple[Path, RunConfig, Path, str | None]:
-    """Train, or sweep and take the best trial: its adapter, its config, its summary report, and
-    the outputs' copy on ray.storage_path (None when storage is local)."""
-    if "tune" in run.model_fields_set:
+def fit(run: RunConfig) -> Fitted:
+    """Train, or sweep and take the best trial."""
+    if run.is_sweep:
         from tune.sweep import sweep
 
         outcome = sweep(run)
         if outcome.summary["best"] is None:
             raise PipelineFailed(f"no trial reported {run.tune.metric}; see {outcome.sweep_dir / 'leaderboard.md'}")
         best = outcome.sweep_dir / "best"
-        return best / "adapter", load_config(best / "config.yaml"), outcome.sweep_dir / "leaderboard.md", outcome.published
+        return Fitted(best / "adapter", load_config(best / "config.yaml"), outcome.sweep_dir / "leaderboard.md", outcome.summary_md, outcome.published)
     from jobs.train import train
 
     outcome = train(run)
-    return outcome.adapter_dir, run, outcome.output_dir / "report.md", outcome.published
+    return Fitted(outcome.adapter_dir, run, outcome.output_dir / "report.md", "", outcome.published)
 
 
 def smoke_request(endpoint: str, name: str, run: RunConfig, api_key: str | None) -> dict:
     """One held-out example through the deployed app, as a client would send it."""
     example = eval_examples(run)[0]
-    use_chat = uses_chat_template(run.model, load_tokenizer(run.model))
+    use_chat = Prompting.load(run.model).use_chat
     limits = {"model": name, "max_tokens": min(run.eval.max_new_tokens, run.serve.max_tokens_limit), "temperature": 0, "stop": run.eval.stop[:4] or None}
     route, body = ("/chat/completions", {**limits, "messages": [{"role": "user", "content": example["prompt"]}]}) if use_chat else ("/completions", {**limits, "prompt": example["prompt"]})
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -77,23 +88,23 @@ def pipeline(run: RunConfig) -> PipelineOutcome:
     """Fit, evaluate, deploy, smoke-test: the whole job, top to bottom."""
     from serve import app as serve_app
 
-    adapter, best_run, summary, published = fit(run)
-    eval_dir = adapter.parent / "eval"
-    run_eval(best_run, adapter, True, eval_dir)
-    source = str(adapter.resolve())
-    if published:  # the eval report joins the published outputs; replicas on other nodes load the adapter from there
-        root = summary.parent
-        storage.upload(eval_dir, f"{published}/{eval_dir.relative_to(root).as_posix()}")
-        source = f"{published}/{adapter.relative_to(root).as_posix()}"
+    fitted = fit(run)
+    eval_dir = fitted.adapter.parent / "eval"
+    evaluated = run_eval(fitted.run, fitted.adapter, True, eval_dir)
+    source = str(fitted.adapter.resolve())
+    if fitted.published:  # the eval report joins the published outputs; replicas on other nodes load the adapter from there
+        root = fitted.report.parent
+        storage.upload(eval_dir, f"{fitted.published}/{eval_dir.relative_to(root).as_posix()}")
+        source = f"{fitted.published}/{fitted.adapter.relative_to(root).as_posix()}"
     name = adapter_name(run)
-    serving = best_run.model_copy(update={"serve": run.serve.model_copy(update={"adapters": {**run.serve.adapters, name: source}})})
+    serving = fitted.run.model_copy(update={"serve": run.serve.model_copy(update={"adapters": {**run.serve.adapters, name: source}})})
     endpoint = serve_app.deploy(serving)
-    smoke = smoke_request(endpoint, name, best_run, serving.serve.bearer_token())
-    return PipelineOutcome(adapter=adapter, summary=summary, eval_report=eval_dir / "eval.md", endpoint=endpoint, adapter_name=name, smoke=smoke,
-                           published=published)
+    smoke = smoke_request(endpoint, name, fitted.run, serving.serve.bearer_token())
+    told = [fitted.summary_md, evaluated.summary_md, smoke_summary(smoke, name)]
+    return PipelineOutcome(adapter=fitted.adapter, summary=fitted.report, eval_report=evaluated.report, endpoint=endpoint, adapter_name=name,
+                           smoke=smoke, summary_md="\n".join(part for part in told if part), published=fitted.published)
 
 
-if __name__ == "__main__":
-    from jobs.cli import run_stage
-
-    run_stage("pipeline")
+def smoke_summary(smoke: dict, name: str) -> str:
+    return (f"smoke request ({smoke['route']}, model {name!r}):\n  prompt:    {smoke['prompt'][:300]!r}\n  answer:    {smoke['answer']!r}\n"
+            f"  reference: {smoke['references'][0]!r}")
