@@ -27,7 +27,9 @@ def is_adapter_folder(path: Path) -> bool:
 
 def require_safetensors(adapter_dir: str | Path) -> None:
     if not (Path(adapter_dir) / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{adapter_dir}: no {WEIGHTS}; only safetensors adapters are loaded (pickle files can run code)")
+        raise FileNotFoundError(
+            f"{adapter_dir}: no {WEIGHTS}; only safetensors adapters are loaded (pickle files can run code)"
+        )
 
 
 def last_is_config(path: Path) -> tuple[bool, str]:

@@ -21,12 +21,22 @@ console = Console(stderr=True)  # errors and status
 results = Console(soft_wrap=True)  # what a command produces (tables, output paths), never re-wrapped
 
 ConfigOption = Annotated[Optional[str], typer.Option("--config", "-c", help="Run config YAML (see configs/).")]
-Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. training.learning_rate=1e-4 lora.r=16", show_default=False)]
+Overrides = Annotated[
+    Optional[list[str]],
+    typer.Argument(help="Dotted overrides, e.g. training.learning_rate=1e-4 lora.r=16", show_default=False),
+]
 
 
 def _print(text: str) -> None:
     """A stage's summary as it wrote it: no rich markup or highlighting applied to paths and tables."""
     results.print(text, highlight=False, markup=False)
+
+
+def _print_where(**places) -> None:
+    """`label: place` lines, aligned, for the places that exist (a None is left out)."""
+    shown = {label.replace("_", " "): place for label, place in places.items() if place}
+    width = max(map(len, shown)) + 1
+    _print("\n".join(f"{label + ':':<{width}} {place}" for label, place in shown.items()))
 
 
 @contextmanager
@@ -59,39 +69,60 @@ def train(config: ConfigOption = None, overrides: Overrides = None) -> None:
     _print(outcome.summary_md)
 
 
+ResumeOption = Annotated[
+    Optional[Path], typer.Option(help="Continue the interrupted sweep in this folder (its tune.output_dir).")
+]
+
+
 @app.command()
-def sweep(
-    config: ConfigOption = None,
-    overrides: Overrides = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted sweep in this folder (its tune.output_dir).")] = None,
-) -> None:
+def sweep(config: ConfigOption = None, overrides: Overrides = None, resume: ResumeOption = None) -> None:
     """Sweep hyperparameters with Ray Tune (each trial a Ray Train run); writes leaderboard and best/adapter."""
     from tune.sweep import resume_config
     from tune.sweep import sweep as run_sweep
 
     with _exit_on((ConfigError, DataError)):
         if resume and (config or overrides):
-            raise ConfigError([f"--resume = {str(resume)!r}: a sweep resumes with the config it started with ({resume}/sweep.yaml); drop --config and overrides"])
+            raise ConfigError(
+                [
+                    f"--resume = {str(resume)!r}: a sweep resumes with the config it started with "
+                    f"({resume}/sweep.yaml); drop --config and overrides"
+                ]
+            )
         run = resume_config(resume) if resume else load_config(config, overrides or [])
         outcome = run_sweep(run, resume=resume is not None)
     _print(outcome.summary_md)
     if outcome.summary["best"] is None:
         console.print("[bold red]no trial reported the metric[/]; see the failed trials above", highlight=False)
         raise typer.Exit(1)
-    results.print(f"best adapter: {outcome.sweep_dir / 'best' / 'adapter'}\nleaderboard:  {outcome.sweep_dir / 'leaderboard.md'}\ntensorboard:  tensorboard --logdir {outcome.sweep_dir}", highlight=False)
-    if outcome.published:
-        results.print(f"copied to {outcome.published}", highlight=False)
+    where = outcome.sweep_dir
+    tensorboard = f"tensorboard --logdir {where}"
+    _print_where(
+        best_adapter=where / "best" / "adapter",
+        leaderboard=where / "leaderboard.md",
+        tensorboard=tensorboard,
+        copied_to=outcome.published,
+    )
+
+
+# The eval command's options, one line each.
+AdapterOption = Annotated[Optional[Path], typer.Option(help="Adapter folder; default: <training.output_dir>/adapter.")]
+BaselineOption = Annotated[bool, typer.Option("--baseline", help="Evaluate the base model alone.")]
+SkipBaseOption = Annotated[
+    bool, typer.Option("--skip-base", help="Evaluate the adapter alone, without the base model.")
+]
+PredictionsOption = Annotated[Optional[Path], typer.Option(help="Write one JSON line per example with its metrics.")]
+OutputOption = Annotated[Optional[Path], typer.Option(help="Report folder; default: <training.output_dir>/eval.")]
 
 
 @app.command("eval")
 def evaluate(
     config: ConfigOption = None,
     overrides: Overrides = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="Adapter folder; default: <training.output_dir>/adapter.")] = None,
-    baseline: Annotated[bool, typer.Option("--baseline", help="Evaluate the base model alone.")] = False,
-    skip_base: Annotated[bool, typer.Option("--skip-base", help="Evaluate the adapter alone, without the base-model comparison.")] = False,
-    predictions: Annotated[Optional[Path], typer.Option(help="Write one JSON line per example: id, input, prediction, references, metrics.")] = None,
-    output: Annotated[Optional[Path], typer.Option(help="Report folder; default: <training.output_dir>/eval.")] = None,
+    adapter: AdapterOption = None,
+    baseline: BaselineOption = False,
+    skip_base: SkipBaseOption = False,
+    predictions: PredictionsOption = None,
+    output: OutputOption = None,
 ) -> None:
     """Evaluate the adapter against the base model on the same examples: eval.md, eval.json, eval.png."""
     from jobs.evaluation import run_eval
@@ -99,24 +130,38 @@ def evaluate(
     with _exit_on((ConfigError, DataError, FileNotFoundError)):
         run = load_config(config, overrides or [])
         if baseline and (adapter or skip_base):
-            raise ConfigError([f"--baseline: evaluates the base model alone; drop --adapter/--skip-base (got adapter={adapter}, skip_base={skip_base})"])
+            raise ConfigError(
+                [
+                    f"--baseline: evaluates the base model alone; drop --adapter/--skip-base (got adapter={adapter}, "
+                    f"skip_base={skip_base})"
+                ]
+            )
         if not baseline:
             adapter = adapter or Path(run.training.output_dir) / "adapter"
             if not adapter.is_dir():
-                raise ConfigError([f"--adapter = {str(adapter)!r}: no such folder; train first, pass --adapter DIR, or use --baseline"])
+                raise ConfigError(
+                    [
+                        f"--adapter = {str(adapter)!r}: no such folder; train first, pass --adapter DIR, or use "
+                        "--baseline"
+                    ]
+                )
         output_dir = output or Path(run.training.output_dir) / "eval"
         outcome = run_eval(run, None if baseline else adapter, not skip_base, output_dir, predictions)
     _print(outcome.summary_md)
     _print(f"report: {outcome.report}" + (f"\npredictions: {predictions}" if predictions else ""))
 
 
-BuildOption = Annotated[bool, typer.Option("--build", help="Print a Serve config file for `serve deploy` instead of deploying.")]
-KeepServingOption = Annotated[bool, typer.Option("--keep-serving", help="On an embedded Ray, keep the app up until Ctrl-C.")]
+BuildOption = Annotated[
+    bool, typer.Option("--build", help="Print a Serve config file for `serve deploy` instead of deploying.")
+]
+KeepServingOption = Annotated[
+    bool, typer.Option("--keep-serving", help="On an embedded Ray, keep the app up until Ctrl-C.")
+]
 
 
 @app.command("serve")
 def serve_cmd(config: ConfigOption = None, overrides: Overrides = None, build: BuildOption = False) -> None:
-    """Serve the base model and its adapters with Ray Serve: OpenAI-compatible HTTP API with batching and autoscaling."""
+    """Serve the base model and its adapters with Ray Serve: an OpenAI-compatible API, batching, autoscaling."""
     from serve import app as serve_app
 
     with _exit_on((ConfigError, FileNotFoundError, OSError)):
@@ -134,28 +179,40 @@ def serve_cmd(config: ConfigOption = None, overrides: Overrides = None, build: B
 
 @app.command()
 def pipeline(config: ConfigOption = None, overrides: Overrides = None, keep_serving: KeepServingOption = False) -> None:
-    """Train (or sweep, with a tune: section) -> evaluate the best adapter against the base -> serve it -> smoke request."""
+    """Train (or sweep, with a tune: section), evaluate the best adapter against the base, serve it, smoke-test it."""
     from ray.train import TrainingFailedError
 
     from jobs.pipeline import PipelineFailed
     from jobs.pipeline import pipeline as run_pipeline
     from serve import app as serve_app
 
-    with _exit_on((TrainingFailedError, PipelineFailed), 1, "pipeline failed"), _exit_on((ConfigError, DataError, FileNotFoundError)):
+    with (
+        _exit_on((TrainingFailedError, PipelineFailed), 1, "pipeline failed"),
+        _exit_on((ConfigError, DataError, FileNotFoundError)),
+    ):
         run = load_config(config, overrides or [])
         outcome = run_pipeline(run)
     _print(outcome.summary_md)
-    results.print(f"adapter:  {outcome.adapter}\nreport:   {outcome.summary}\neval:     {outcome.eval_report}\nendpoint: {outcome.endpoint}  (model {outcome.adapter_name!r})", highlight=False)
-    if outcome.published:
-        results.print(f"copied to {outcome.published} (the app loads the adapter from there)", highlight=False)
+    endpoint = f"{outcome.endpoint}  (model {outcome.adapter_name!r})"
+    copied = outcome.published and f"{outcome.published} (the app loads the adapter from there)"
+    _print_where(
+        adapter=outcome.adapter, report=outcome.summary, eval=outcome.eval_report, endpoint=endpoint, copied_to=copied
+    )
     if serve_app.embedded(run):
         if not keep_serving:
-            console.print(f"embedded Ray: the app stops now; serve it again with: lorafleet serve --config {config} serve.adapters.{outcome.adapter_name}={outcome.adapter}", highlight=False)
+            console.print(
+                f"embedded Ray: the app stops now; serve it again with: lorafleet serve --config {config} "
+                f"serve.adapters.{outcome.adapter_name}={outcome.adapter}",
+                highlight=False,
+            )
             return
         serve_app.wait_forever()
 
 
-AddressOption = Annotated[Optional[str], typer.Option("--address", help="Ray dashboard address; default: RAY_ADDRESS, else http://127.0.0.1:8265.")]
+AddressOption = Annotated[
+    Optional[str],
+    typer.Option("--address", help="Ray dashboard address; default: RAY_ADDRESS, else http://127.0.0.1:8265."),
+]
 
 
 @app.command()
@@ -164,9 +221,18 @@ def submit(
     config: ConfigOption = None,
     overrides: Overrides = None,
     address: AddressOption = None,
-    env: Annotated[Optional[list[str]], typer.Option("--env", help="Pass this environment variable to the job (repeatable).")] = None,
-    install: Annotated[bool, typer.Option("--install", help="Install the pinned dependencies in the job's runtime env (else the cluster's).")] = False,
-    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Stream the logs and exit with the job's status.")] = True,
+    env: Annotated[
+        Optional[list[str]], typer.Option("--env", help="Pass this environment variable to the job (repeatable).")
+    ] = None,
+    install: Annotated[
+        bool,
+        typer.Option(
+            "--install", help="Install the pinned dependencies in the job's runtime env (else the cluster's)."
+        ),
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Stream the logs and exit with the job's status.")
+    ] = True,
 ) -> None:
     """Submit a stage as a Ray job (this repository as its working dir); exit code = the job's final status."""
     from jobs import submit as jobs_submit
@@ -192,7 +258,9 @@ def jobs_list(address: AddressOption = None) -> None:
     from jobs.submit import client
 
     for job in sorted(client(address).list_jobs(), key=lambda j: j.start_time or 0):
-        results.print(f"{job.submission_id or job.job_id}  {job.status.value:<9}  {job.entrypoint}", highlight=False, markup=False)
+        results.print(
+            f"{job.submission_id or job.job_id}  {job.status.value:<9}  {job.entrypoint}", highlight=False, markup=False
+        )
 
 
 @jobs_app.command("status")
@@ -201,13 +269,19 @@ def jobs_status(job_id: str, address: AddressOption = None) -> None:
     from jobs.submit import client, exit_code
 
     info = client(address).get_job_info(job_id)
-    results.print(f"{job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""), highlight=False, markup=False)
+    results.print(
+        f"{job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""), highlight=False, markup=False
+    )
     if info.status.is_terminal():
         raise typer.Exit(exit_code(info.status))
 
 
 @jobs_app.command("logs")
-def jobs_logs(job_id: str, address: AddressOption = None, follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")] = False) -> None:
+def jobs_logs(
+    job_id: str,
+    address: AddressOption = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")] = False,
+) -> None:
     """A job's logs (driver output, including the error of a failed job)."""
     from jobs import submit as jobs_submit
 

@@ -24,7 +24,13 @@ from jobs.config import RunConfig
 
 log = logging.getLogger("lorafleet.cluster")
 # Passed to every job and Train worker: offline switches and the model cache. Anything else only when asked.
-PASSED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "LORAFLEET_CACHE", "TOKENIZERS_PARALLELISM")
+PASSED_ENV = (
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "LORAFLEET_CACHE",
+    "TOKENIZERS_PARALLELISM",
+)
 AUTH_OFF = (
     "the Ray cluster at {url} runs with token authentication OFF: anyone who can reach its ports can run code on it. "
     "Restart it with a token: `ray get-auth-token --generate`, then `ray start --head` (README, 'Run on a cluster')"
@@ -73,7 +79,9 @@ class RunPlacement:
     score: tuple[str, str] = ("eval_loss", "min")
 
 
-def train_run_config(run: RunConfig, has_eval: bool, placement: RunPlacement, passed: tuple[str, ...] = ()) -> ray.train.RunConfig:
+def train_run_config(
+    run: RunConfig, has_eval: bool, placement: RunPlacement, passed: tuple[str, ...] = ()
+) -> ray.train.RunConfig:
     """Ray Train's run config: name, storage, failure handling, checkpoints kept, the workers' environment."""
     name = placement.name or f"{run.ray.name or Path(run.training.output_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return ray.train.RunConfig(

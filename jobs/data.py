@@ -67,7 +67,10 @@ def resolve_format(cfg: DataConfig) -> str:
     if path.is_dir() or not path.suffix:
         return "hf"
     if path.suffix.lower() not in EXTENSIONS:
-        raise DataError(f"data.format = 'auto': cannot tell the format of {cfg.path!r}; set data.format to one of jsonl, csv, parquet, squad, hf")
+        raise DataError(
+            f"data.format = 'auto': cannot tell the format of {cfg.path!r}; set data.format to one of jsonl, csv, "
+            "parquet, squad, hf"
+        )
     return EXTENSIONS[path.suffix.lower()]
 
 
@@ -112,20 +115,47 @@ def _read_squad(path: Path) -> RawData:
             for qa in paragraph.get("qas", []):
                 number += 1
                 answers = [a.get("text", "") for a in qa.get("answers", [])]
-                missing = [a for a in qa.get("answers", []) if context[a.get("answer_start", -1):][: len(a.get("text", ""))] != a.get("text")]
+                missing = [
+                    a
+                    for a in qa.get("answers", [])
+                    if context[a.get("answer_start", -1) :][: len(a.get("text", ""))] != a.get("text")
+                ]
                 if not answers or not all(answers):
                     data.bad.append(BadRow(number, "answers", f"question {qa.get('id')!r} has no answer text"))
                 elif missing:
-                    data.bad.append(BadRow(number, "answers", f"question {qa.get('id')!r}: answer {missing[0].get('text')!r} is not in the context at answer_start {missing[0].get('answer_start')}"))
+                    data.bad.append(
+                        BadRow(
+                            number,
+                            "answers",
+                            f"question {qa.get('id')!r}: answer {missing[0].get('text')!r} is not in the context at "
+                            f"answer_start {missing[0].get('answer_start')}",
+                        )
+                    )
                 else:
-                    data.rows.append((number, {"id": qa.get("id"), "title": article.get("title", ""), "context": context, "question": qa.get("question", ""), "answer": answers[0], "answers": answers}))
+                    data.rows.append(
+                        (
+                            number,
+                            {
+                                "id": qa.get("id"),
+                                "title": article.get("title", ""),
+                                "context": context,
+                                "question": qa.get("question", ""),
+                                "answer": answers[0],
+                                "answers": answers,
+                            },
+                        )
+                    )
     return data
 
 
 def _read_table(fmt: str, cfg: DataConfig) -> RawData:
     if fmt == "hf":
         path = Path(cfg.path)
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+        if (
+            (path / "dataset_info.json").exists()
+            or (path / "state.json").exists()
+            or (path / "dataset_dict.json").exists()
+        ):
             loaded = load_from_disk(str(path))
             dataset = loaded[cfg.split] if hasattr(loaded, "keys") else loaded
         else:
@@ -164,7 +194,10 @@ def to_examples(raw: RawData, cfg: DataConfig, fmt: str) -> tuple[list[dict[str,
     columns = sorted(set().union(*(r.keys() for _, r in raw.rows)))
     absent = [name for name in needed if name not in set(columns) | set(cfg.columns.values())]
     if raw.rows and absent:
-        raise DataError(f"{cfg.path}: column(s) {absent} used by data.prompt_template/data.target_column are not in the data; its columns are {columns}. Rename them with data.columns or change the template")
+        raise DataError(
+            f"{cfg.path}: column(s) {absent} used by data.prompt_template/data.target_column are not in the data; its "
+            f"columns are {columns}. Rename them with data.columns or change the template"
+        )
     examples, bad = [], list(raw.bad)
     for number, record in raw.rows:
         record = {cfg.columns.get(k, k): v for k, v in record.items()}
@@ -176,14 +209,16 @@ def to_examples(raw: RawData, cfg: DataConfig, fmt: str) -> tuple[list[dict[str,
             bad.extend(BadRow(number, name, f"a {type(record[name]).__name__}, expected text") for name in nested)
             continue
         target = str(record[target_column])
-        examples.append({
-            "id": str(record.get("id", number)),
-            "row": number,
-            "prompt": prompt_template.format(**{k: record[k] for k in fields}),
-            "target": target,
-            # SQuAD keeps every annotator's answer for EM/F1; other formats have one reference.
-            "references": [str(r) for r in record["answers"]] if fmt == "squad" else [target],
-        })
+        examples.append(
+            {
+                "id": str(record.get("id", number)),
+                "row": number,
+                "prompt": prompt_template.format(**{k: record[k] for k in fields}),
+                "target": target,
+                # SQuAD keeps every annotator's answer for EM/F1; other formats have one reference.
+                "references": [str(r) for r in record["answers"]] if fmt == "squad" else [target],
+            }
+        )
     return examples, bad
 
 
@@ -192,7 +227,10 @@ def check_bad_rows(bad: list[BadRow], cfg: DataConfig, total: int) -> None:
         return
     listed = "\n".join(f"  - {b}" for b in bad[:MAX_LISTED_BAD_ROWS])
     more = f"\n  ... and {len(bad) - MAX_LISTED_BAD_ROWS} more" if len(bad) > MAX_LISTED_BAD_ROWS else ""
-    raise DataError(f"{cfg.path}: {len(bad)} problem(s) in {total} row(s):\n{listed}{more}\nFix the rows, or set data.bad_rows=skip to train without them (they are counted in the report)")
+    raise DataError(
+        f"{cfg.path}: {len(bad)} problem(s) in {total} row(s):\n{listed}{more}\nFix the rows, or set "
+        "data.bad_rows=skip to train without them (they are counted in the report)"
+    )
 
 
 def split(examples: list[dict[str, Any]], cfg: DataConfig) -> tuple[Dataset, Dataset | None]:
@@ -200,7 +238,9 @@ def split(examples: list[dict[str, Any]], cfg: DataConfig) -> tuple[Dataset, Dat
     if cfg.validation_fraction == 0:
         return dataset, None
     if len(examples) < 2:
-        raise DataError(f"{cfg.path}: {len(examples)} usable row(s) cannot be split; add rows or set data.validation_fraction=0")
+        raise DataError(
+            f"{cfg.path}: {len(examples)} usable row(s) cannot be split; add rows or set data.validation_fraction=0"
+        )
     parts = dataset.train_test_split(test_size=cfg.validation_fraction, seed=cfg.seed)
     return parts["train"], parts["test"]
 
@@ -216,7 +256,11 @@ def encode(example: dict[str, Any], prompting: Prompting, cfg: DataConfig) -> di
     else:
         target_ids = tokenizer(example["target"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         source, target = prompt_ids[: cfg.max_source_length], target_ids[: cfg.max_target_length]
-        out = {"input_ids": source + target, "attention_mask": [1] * (len(source) + len(target)), "labels": [-100] * len(source) + target}
+        out = {
+            "input_ids": source + target,
+            "attention_mask": [1] * (len(source) + len(target)),
+            "labels": [-100] * len(source) + target,
+        }
     out["prompt_tokens"], out["target_tokens"] = len(prompt_ids), len(target_ids)
     out["truncated"] = len(prompt_ids) > cfg.max_source_length or len(target_ids) > cfg.max_target_length
     return out
@@ -226,11 +270,18 @@ def _length_stats(values: list[int]) -> dict[str, float]:
     if not values:
         return {}
     arr = np.asarray(values)
-    return {"mean": round(float(arr.mean()), 1), "p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95)), "max": int(arr.max())}
+    return {
+        "mean": round(float(arr.mean()), 1),
+        "p50": float(np.percentile(arr, 50)),
+        "p95": float(np.percentile(arr, 95)),
+        "max": int(arr.max()),
+    }
 
 
 def tokenize(dataset: Dataset, prompting: Prompting, cfg: DataConfig, desc: str) -> tuple[Dataset, dict[str, Any]]:
-    encoded = dataset.map(lambda ex: encode(ex, prompting, cfg), remove_columns=dataset.column_names, desc=f"Tokenizing {desc}")
+    encoded = dataset.map(
+        lambda ex: encode(ex, prompting, cfg), remove_columns=dataset.column_names, desc=f"Tokenizing {desc}"
+    )
     stats = {
         "rows": len(encoded),
         "prompt_tokens": _length_stats(encoded["prompt_tokens"]),
@@ -251,12 +302,20 @@ def load_examples(cfg: DataConfig) -> tuple[list[dict[str, Any]], dict[str, Any]
         raise DataError(f"data.path = {cfg.path!r}: no rows found")
     check_bad_rows(bad, cfg, total)
     if not examples:
-        raise DataError(f"{cfg.path}: none of the {total} row(s) is usable:\n" + "\n".join(f"  - {b}" for b in bad[:MAX_LISTED_BAD_ROWS]))
+        raise DataError(
+            f"{cfg.path}: none of the {total} row(s) is usable:\n"
+            + "\n".join(f"  - {b}" for b in bad[:MAX_LISTED_BAD_ROWS])
+        )
     used = examples[: cfg.max_samples] if cfg.max_samples else examples
     bad_rows = sorted({b.row for b in bad})
     report = {
-        "source": cfg.path, "format": fmt, "rows_read": total, "rows_valid": len(examples), "rows_used": len(used),
-        "bad_rows": len(bad_rows), "bad_row_details": [str(b) for b in bad[:MAX_LISTED_BAD_ROWS]],
+        "source": cfg.path,
+        "format": fmt,
+        "rows_read": total,
+        "rows_valid": len(examples),
+        "rows_used": len(used),
+        "bad_rows": len(bad_rows),
+        "bad_row_details": [str(b) for b in bad[:MAX_LISTED_BAD_ROWS]],
         "rows_left_out_by_max_samples": len(examples) - len(used),
     }
     return used, report
@@ -269,4 +328,6 @@ def prepare(cfg: DataConfig, prompting: Prompting) -> PreparedData:
     evaluation = None
     if eval_rows is not None:
         evaluation, report["validation"] = tokenize(eval_rows, prompting, cfg, "validation")
-    return PreparedData(train=train, eval=evaluation, eval_examples=list(eval_rows) if eval_rows is not None else [], report=report)
+    return PreparedData(
+        train=train, eval=evaluation, eval_examples=list(eval_rows) if eval_rows is not None else [], report=report
+    )

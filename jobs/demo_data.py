@@ -25,7 +25,11 @@ STYLES = {
     "Advisory": "We recommend {day} {part} ({time}): a {score}/100 score, {lead}, with {shape}.",
     "Concise": "{day} {part}, {time}: score {score}, {lead}.",
 }
-LEADS = {"Unrivaled": "far ahead of every other slot", "Clear Lead": "clearly ahead of the runner-up", "Narrow Edge": "just ahead of the runner-up"}
+LEADS = {
+    "Unrivaled": "far ahead of every other slot",
+    "Clear Lead": "clearly ahead of the runner-up",
+    "Narrow Edge": "just ahead of the runner-up",
+}
 
 
 def demo_rows(n: int, seed: int) -> list[dict[str, str]]:
@@ -39,6 +43,8 @@ def demo_rows(n: int, seed: int) -> list[dict[str, str]]:
         shape = rng.choice(tuple(SHAPES))
         style = rng.choice(tuple(STYLES))
         prompt = f"Day: {day}, Time: {time}, Score: {score}, Dominance: {dominance}, Shape: {shape}, Style: {style}"
-        output = STYLES[style].format(day=day, part=part, time=time, score=score, lead=LEADS[dominance], shape=SHAPES[shape])
+        output = STYLES[style].format(
+            day=day, part=part, time=time, score=score, lead=LEADS[dominance], shape=SHAPES[shape]
+        )
         rows.append({"id": f"demo-{i}", "input": prompt, "output": output})
     return rows

@@ -37,15 +37,26 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 def _generate_batch(model, prompting: Prompting, batch: list[list[int]], cfg: EvalConfig) -> list[str]:
     tokenizer = prompting.tokenizer
     inputs = prompting.pad_for_generation(batch).to(model.device)
-    sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p}
+        if cfg.do_sample
+        else {"do_sample": False}
+    )
     with torch.no_grad():
         output = model.generate(
-            **inputs, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, **sampling,
-            stop_strings=cfg.stop or None, tokenizer=tokenizer if cfg.stop else None,
-            pad_token_id=tokenizer.pad_token_id, use_cache=True,
+            **inputs,
+            max_new_tokens=cfg.max_new_tokens,
+            num_beams=cfg.num_beams,
+            **sampling,
+            stop_strings=cfg.stop or None,
+            tokenizer=tokenizer if cfg.stop else None,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
         )
-    new_tokens = output[:, inputs["input_ids"].shape[1]:] if prompting.kind == "causal" else output
-    return [cut_at_stop(text, cfg.stop).strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    new_tokens = output[:, inputs["input_ids"].shape[1] :] if prompting.kind == "causal" else output
+    return [
+        cut_at_stop(text, cfg.stop).strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    ]
 
 
 def _one_by_one(model, prompting: Prompting, batch: list[list[int]], cfg: EvalConfig) -> list[Generation]:
@@ -62,7 +73,9 @@ def _as_generation(text: str) -> Generation:
     return Generation(text) if text else Generation(None, "empty generation")
 
 
-def generate(model, prompting: Prompting, prompts: list[str], data: DataConfig, cfg: EvalConfig, desc: str = "Generating") -> list[Generation]:
+def generate(
+    model, prompting: Prompting, prompts: list[str], data: DataConfig, cfg: EvalConfig, desc: str = "Generating"
+) -> list[Generation]:
     """One Generation per prompt, in the prompts' order."""
     if cfg.do_sample:
         torch.manual_seed(cfg.seed)

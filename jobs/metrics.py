@@ -22,7 +22,10 @@ _ROUGE = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=False)
 
 
 def squad_scores(prediction: str, references: list[str]) -> dict[str, float]:
-    result = squad([{"prediction_text": prediction, "id": "x"}], [{"answers": {"text": references, "answer_start": [0] * len(references)}, "id": "x"}])
+    result = squad(
+        [{"prediction_text": prediction, "id": "x"}],
+        [{"answers": {"text": references, "answer_start": [0] * len(references)}, "id": "x"}],
+    )
     return {"exact_match": float(result["exact_match"]), "f1": float(result["f1"])}
 
 
@@ -60,7 +63,9 @@ def metric_names(metrics: list[str], schema: dict[str, Any] | None) -> list[str]
     return names
 
 
-def score(prediction: str | None, references: list[str], metrics: list[str], schema: dict[str, Any] | None = None) -> dict[str, float]:
+def score(
+    prediction: str | None, references: list[str], metrics: list[str], schema: dict[str, Any] | None = None
+) -> dict[str, float]:
     """Scores of one example; a failed generation (None or blank) is 0 on everything."""
     if prediction is None or not prediction.strip():
         return {name: 0.0 for name in metric_names(metrics, schema)}

@@ -13,7 +13,14 @@ import bitsandbytes as bnb
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, BitsAndBytesConfig, set_seed
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    set_seed,
+)
 
 from jobs import adapter
 from jobs.config import PACKAGED_MODELS, ConfigError, ModelConfig, RunConfig
@@ -55,7 +62,12 @@ def uses_chat_template(cfg: ModelConfig, tokenizer) -> bool:
     if cfg.chat_template == "auto":
         return has_template
     if cfg.chat_template and not has_template:
-        raise ConfigError([f"model.chat_template = true: the tokenizer of {cfg.name!r} has no chat template; set model.chat_template=false"])
+        raise ConfigError(
+            [
+                f"model.chat_template = true: the tokenizer of {cfg.name!r} has no chat template; set "
+                "model.chat_template=false"
+            ]
+        )
     return cfg.chat_template
 
 
@@ -69,7 +81,12 @@ def compute_dtype(run: RunConfig, device: torch.device) -> torch.dtype:
 def quantization_config(run: RunConfig, device: torch.device) -> BitsAndBytesConfig | None:
     q = run.quantization
     if q.mode == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute_dtype(run, device))
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype(run, device),
+        )
     if q.mode == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -109,7 +126,10 @@ def load_base(run: RunConfig, device: torch.device, kind: str):
 def lora_config(run: RunConfig, kind: str) -> PeftLoraConfig:
     lora = run.lora
     return PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
         target_modules=lora.target_modules,
         task_type="SEQ_2_SEQ_LM" if kind == "seq2seq" else "CAUSAL_LM",
     )
@@ -119,7 +139,9 @@ def load_for_training(run: RunConfig, device: torch.device, kind: str):
     model = load_base(run, device, kind)
     checkpointing = run.training.gradient_checkpointing
     if run.quantization.mode != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=NON_REENTRANT)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs=NON_REENTRANT
+        )
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
         model.enable_input_require_grads()

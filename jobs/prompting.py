@@ -26,7 +26,9 @@ class Prompting:
         """The exact text the model sees before its answer, in training, evaluation and serving."""
         if not self.use_chat:
             return prompt
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": prompt}]
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": prompt}
+        ]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def ids(self, text: str) -> list[int]:

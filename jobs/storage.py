@@ -48,19 +48,23 @@ def publish(local_dir: Path, storage_path: str, skip: tuple[str, ...] = ()) -> s
 
 
 def upload(local_dir: Path, uri: str, skip: tuple[str, ...] = ()) -> None:
-    """Replace the remote folder `uri` with `local_dir` (less the top-level entries in `skip`), the adapter config last."""
+    """Replace the remote folder `uri` with `local_dir` (less the top-level entries in `skip`), adapter config last."""
     fs, target = pafs.FileSystem.from_uri(uri)
     fs.delete_dir_contents(target, missing_dir_ok=True)
     files = [p for p in local_dir.rglob("*") if p.is_file() and p.relative_to(local_dir).parts[0] not in skip]
     files.sort(key=adapter.last_is_config)
     for path in files:
-        pafs.copy_files(str(path), f"{target.rstrip('/')}/{path.relative_to(local_dir).as_posix()}", destination_filesystem=fs)
+        pafs.copy_files(
+            str(path), f"{target.rstrip('/')}/{path.relative_to(local_dir).as_posix()}", destination_filesystem=fs
+        )
 
 
 def has_files(uri: str, names: tuple[str, ...]) -> bool:
     """Whether the remote folder `uri` holds every file in `names` (nothing is downloaded)."""
     fs, root = pafs.FileSystem.from_uri(uri)
-    return all(info.type == pafs.FileType.File for info in fs.get_file_info([f"{root.rstrip('/')}/{name}" for name in names]))
+    return all(
+        info.type == pafs.FileType.File for info in fs.get_file_info([f"{root.rstrip('/')}/{name}" for name in names])
+    )
 
 
 def _fingerprint(fs: pafs.FileSystem, root: str) -> list[tuple[str, int, str]]:
@@ -98,7 +102,7 @@ def fetch(uri: str, cache: Path | None = None) -> Path:
 
 @contextmanager
 def checkpoint_dir(path: str, storage_path: str) -> Iterator[Path]:
-    """A local folder with the Ray checkpoint at `path`, a filesystem path (no scheme) on `storage_path`'s filesystem."""
+    """A local folder with the Ray checkpoint at `path` (no scheme) on `storage_path`'s filesystem."""
     filesystem = pafs.FileSystem.from_uri(storage_path)[0] if is_remote(storage_path) else None
     with ray.train.Checkpoint(path, filesystem=filesystem).as_directory() as folder:
         yield Path(folder)

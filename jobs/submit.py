@@ -25,7 +25,13 @@ from jobs import cluster
 from jobs.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = {"train": "jobs.train", "sweep": "tune", "serve": "serve", "eval": "jobs.evaluation", "pipeline": "jobs.pipeline"}
+STAGES = {
+    "train": "jobs.train",
+    "sweep": "tune",
+    "serve": "serve",
+    "eval": "jobs.evaluation",
+    "pipeline": "jobs.pipeline",
+}
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache"]
 
@@ -55,16 +61,28 @@ def entrypoint(stage: str, config: str | None, overrides: list[str]) -> str:
         raise ConfigError([f"STAGE = {stage!r}: unknown stage; use one of {', '.join(STAGES)}"], "submit")
     path = Path(config).resolve() if config else None
     if path and not path.is_relative_to(REPO):
-        raise ConfigError([f"--config = {config!r}: the job only sees this repository (its working dir); put the config under {REPO}"], "submit")
+        raise ConfigError(
+            [
+                f"--config = {config!r}: the job only sees this repository (its working dir); put the config under "
+                f"{REPO}"
+            ],
+            "submit",
+        )
     load_config(path, overrides)
     args = ["--config", str(path.relative_to(REPO))] if path else []
     return shlex.join(["python", "-m", STAGES[stage], *args, *overrides])
 
 
-def submit(stage: str, config: str | None, overrides: list[str], address: str | None, env_names: list[str], install: bool) -> tuple[JobSubmissionClient, str]:
+def submit(
+    stage: str, config: str | None, overrides: list[str], address: str | None, env_names: list[str], install: bool
+) -> tuple[JobSubmissionClient, str]:
     jobs = client(address)
     cluster.warn_if_auth_off(jobs.get_address())
-    job_id = jobs.submit_job(entrypoint=entrypoint(stage, config, overrides), runtime_env=runtime_env(env_names, install), metadata={"lorafleet_stage": stage})
+    job_id = jobs.submit_job(
+        entrypoint=entrypoint(stage, config, overrides),
+        runtime_env=runtime_env(env_names, install),
+        metadata={"lorafleet_stage": stage},
+    )
     return jobs, job_id
 
 

@@ -34,7 +34,9 @@ def resolve(cfg: ServeSection, name: str) -> Path:
     if not ADAPTER_NAME.match(name):
         raise UnknownAdapter(f"{name[:80]!r} is not a valid adapter name (1-64 letters, digits, '.', '_' or '-')")
     if name in cfg.adapters:
-        folder = _fetched(name, cfg.adapters[name]) if storage.is_remote(cfg.adapters[name]) else Path(cfg.adapters[name])
+        folder = (
+            _fetched(name, cfg.adapters[name]) if storage.is_remote(cfg.adapters[name]) else Path(cfg.adapters[name])
+        )
         if not is_adapter_folder(folder):
             raise UnknownAdapter(f"adapter {name!r}: {folder} has no {CONFIG} + {WEIGHTS}")
         return folder
@@ -51,9 +53,15 @@ def _fetched(name: str, uri: str) -> Path:
 
 
 def names(cfg: ServeSection) -> list[str]:
-    """Every servable adapter name: the configured ones (a URI is listed without fetching it), then the registry's subfolders."""
+    """Every servable adapter name: the configured ones (a URI is listed without fetching it), then the registry's
+    subfolders.
+    """
     found = [name for name, path in cfg.adapters.items() if storage.is_remote(path) or is_adapter_folder(Path(path))]
     root = Path(cfg.adapter_root) if cfg.adapter_root else None
     if root and root.is_dir():
-        found += sorted(p.name for p in root.iterdir() if ADAPTER_NAME.match(p.name) and p.name not in found and _in_root(root, p.name))
+        found += sorted(
+            p.name
+            for p in root.iterdir()
+            if ADAPTER_NAME.match(p.name) and p.name not in found and _in_root(root, p.name)
+        )
     return found

@@ -6,7 +6,6 @@ and hands the request to an engine replica chosen by Serve for the adapter
 (`multiplexed_model_id`).
 """
 
-
 import asyncio
 import hmac
 import json
@@ -38,7 +37,14 @@ api = FastAPI(title="lorafleet", description="OpenAI-compatible completions over
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.body = status, protocol.error_body(message, kind, param, code)
 
@@ -55,8 +61,10 @@ async def _api_error(request: Request, exc: ApiError) -> Response:
 
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> Response:
-    hint = {404: f"no route {request.url.path}; routes: /v1/completions, /v1/chat/completions, /v1/models, /healthz",
-            405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+    hint = {
+        404: f"no route {request.url.path}; routes: /v1/completions, /v1/chat/completions, /v1/models, /healthz",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }.get(exc.status_code, str(exc.detail))
     return _error_response(protocol.error_body(hint, "invalid_request_error"), exc.status_code)
 
 
@@ -106,7 +114,13 @@ class Gateway:
     async def models(self, request: Request) -> dict:
         self._authorize(request)
         names = [self.base_name, *adapters.names(self.cfg)]
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "lorafleet", "root": self.base_name} for n in names]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": n, "object": "model", "created": 0, "owned_by": "lorafleet", "root": self.base_name}
+                for n in names
+            ],
+        }
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
@@ -126,7 +140,12 @@ class Gateway:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise ApiError(401, "missing or wrong API key; send the header 'Authorization: Bearer <key>'", "authentication_error", code="invalid_api_key")
+            raise ApiError(
+                401,
+                "missing or wrong API key; send the header 'Authorization: Bearer <key>'",
+                "authentication_error",
+                code="invalid_api_key",
+            )
 
     async def _parse(self, request: Request, model):
         raw = await request.body()
@@ -135,7 +154,9 @@ class Gateway:
         try:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the body is not valid JSON ({exc}); send a JSON object such as {{\"model\": ..., ...}}") from None
+            raise ApiError(
+                400, f'the body is not valid JSON ({exc}); send a JSON object such as {{"model": ..., ...}}'
+            ) from None
         except RecursionError:  # e.g. 10,000 nested brackets
             raise ApiError(400, "the body's JSON is nested too deeply; send a flat request object") from None
         if not isinstance(data, dict):
@@ -147,10 +168,16 @@ class Gateway:
             raise ApiError(400, _describe(exc.errors()), param=first or None) from None
 
     def _chat_prompt(self, body: protocol.ChatRequest) -> list[int]:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages
+        ]
         if not self.prompting.use_chat:
             if len(messages) != 1 or messages[0]["role"] != "user":
-                raise ApiError(400, "this model has no chat template: send exactly one user message, or use /v1/completions", param="messages")
+                raise ApiError(
+                    400,
+                    "this model has no chat template: send exactly one user message, or use /v1/completions",
+                    param="messages",
+                )
             return self.prompting.tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"]
         if self.system_prompt and messages[0]["role"] != "system":  # as in training
             messages.insert(0, {"role": "system", "content": self.system_prompt})
@@ -166,19 +193,32 @@ class Gateway:
         try:
             adapters.resolve(self.cfg, model)
         except adapters.UnknownAdapter as exc:
-            raise ApiError(404, f"{exc}; base model: {self.base_name!r}", param="model", code="model_not_found") from None
+            raise ApiError(
+                404, f"{exc}; base model: {self.base_name!r}", param="model", code="model_not_found"
+            ) from None
         return model
 
     def _limits(self, body: protocol.Sampling, prompt_tokens: int) -> int:
         max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
         max_tokens = self.cfg.default_max_tokens if max_tokens is None else max_tokens
         if not 1 <= max_tokens <= self.cfg.max_tokens_limit:
-            raise ApiError(400, f"max_tokens = {max_tokens}: ask for 1 to {self.cfg.max_tokens_limit} tokens (this server's limit)", param="max_tokens")
+            raise ApiError(
+                400,
+                f"max_tokens = {max_tokens}: ask for 1 to {self.cfg.max_tokens_limit} tokens (this server's limit)",
+                param="max_tokens",
+            )
         room = self.context - (max_tokens if self.prompting.kind == "causal" else 0)
         if prompt_tokens > room:
-            need = f"the prompt has {prompt_tokens} tokens" + (f" and max_tokens is {max_tokens}" if self.prompting.kind == "causal" else "")
-            raise ApiError(400, f"{need}, more than the model's context of {self.context} tokens; shorten the prompt or lower max_tokens",
-                           param="messages" if isinstance(body, protocol.ChatRequest) else "prompt", code="context_length_exceeded")
+            need = f"the prompt has {prompt_tokens} tokens" + (
+                f" and max_tokens is {max_tokens}" if self.prompting.kind == "causal" else ""
+            )
+            raise ApiError(
+                400,
+                f"{need}, more than the model's context of {self.context} tokens; shorten the prompt or lower "
+                "max_tokens",
+                param="messages" if isinstance(body, protocol.ChatRequest) else "prompt",
+                code="context_length_exceeded",
+            )
         return max_tokens
 
     async def _answer(self, body: protocol.Sampling, prompt_ids: list[int], chat: bool):
@@ -186,18 +226,30 @@ class Gateway:
         if not prompt_ids:
             raise ApiError(400, "the prompt encodes to no tokens; send some text", param="prompt")
         max_tokens = self._limits(body, len(prompt_ids))
-        gen = asdict(GenRequest(prompt_ids, max_tokens, adapter, body.temperature, body.top_p, body.stop or [], body.seed))
+        gen = asdict(
+            GenRequest(prompt_ids, max_tokens, adapter, body.temperature, body.top_p, body.stop or [], body.seed)
+        )
         await self._enter()
         try:
             if body.stream:
-                stream, first = await self._engine_call(lambda: self._open_stream(gen, adapter))  # adapter errors still become a 4xx here
-                return StreamingResponse(self._events(stream, first, body.model, chat), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-            result = await self._engine_call(lambda: self.engine.options(multiplexed_model_id=adapter or "").complete.remote(gen))
+                stream, first = await self._engine_call(
+                    lambda: self._open_stream(gen, adapter)
+                )  # adapter errors still become a 4xx here
+                return StreamingResponse(
+                    self._events(stream, first, body.model, chat),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache"},
+                )
+            result = await self._engine_call(
+                lambda: self.engine.options(multiplexed_model_id=adapter or "").complete.remote(gen)
+            )
         except BaseException:
             self._leave()
             raise
         self._leave()
-        return protocol.completion(body.model, result["text"], result["finish"], len(prompt_ids), result["completion_tokens"], chat)
+        return protocol.completion(
+            body.model, result["text"], result["finish"], len(prompt_ids), result["completion_tokens"], chat
+        )
 
     async def _open_stream(self, gen: dict, adapter: str | None):
         stream = self.engine.options(stream=True, multiplexed_model_id=adapter or "").stream.remote(gen)
@@ -212,9 +264,18 @@ class Gateway:
                     return await call()
                 except (RayActorError, ActorUnavailableError) as exc:
                     if retry == self.cfg.replica_loss_retries:
-                        raise ApiError(503, f"the model replica serving this request was lost ({type(exc).__name__}); retry it", "server_error",
-                                       code="replica_lost") from None
-                    log.warning("model replica lost (%s); sending the request again (%d of %d)", type(exc).__name__, retry + 1, self.cfg.replica_loss_retries)
+                        raise ApiError(
+                            503,
+                            f"the model replica serving this request was lost ({type(exc).__name__}); retry it",
+                            "server_error",
+                            code="replica_lost",
+                        ) from None
+                    log.warning(
+                        "model replica lost (%s); sending the request again (%d of %d)",
+                        type(exc).__name__,
+                        retry + 1,
+                        self.cfg.replica_loss_retries,
+                    )
         except adapters.UnknownAdapter as exc:  # removed from the registry since the check
             raise ApiError(404, str(exc), param="model", code="model_not_found") from None
         except AdapterLoadError as exc:
@@ -240,8 +301,13 @@ class Gateway:
 
     async def _enter(self) -> None:
         if self.cfg.overload == "reject" and self.slots.locked():
-            raise ApiError(429, f"{self.cfg.max_concurrent_requests} requests are in flight on this replica (serve.max_concurrent_requests); retry shortly",
-                           "rate_limit_error", code="too_many_requests")
+            raise ApiError(
+                429,
+                f"{self.cfg.max_concurrent_requests} requests are in flight on this replica "
+                "(serve.max_concurrent_requests); retry shortly",
+                "rate_limit_error",
+                code="too_many_requests",
+            )
         await self.slots.acquire()
 
     def _leave(self) -> None:

@@ -1,8 +1,8 @@
 """The Serve application: deployments from the `serve:` section, run or written as a Serve config.
 
-    lorafleet serve --config configs/squad-smollm2.yaml serve.adapters.squad=runs/squad-sweep/best/adapter
-    lorafleet serve --config ... --build > serve_config.yaml && serve deploy serve_config.yaml
-    ray job submit --working-dir . -- python -m serve --config configs/squad-smollm2.yaml
+lorafleet serve --config configs/squad-smollm2.yaml serve.adapters.squad=runs/squad-sweep/best/adapter
+lorafleet serve --config ... --build > serve_config.yaml && serve deploy serve_config.yaml
+ray job submit --working-dir . -- python -m serve --config configs/squad-smollm2.yaml
 """
 
 from __future__ import annotations
@@ -39,8 +39,14 @@ def _actor_options(resources: dict[str, float]) -> dict[str, Any]:
 
 def autoscaling(run: RunConfig) -> dict[str, Any]:
     s = run.serve
-    return {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas, "initial_replicas": s.initial_replicas,
-            "target_ongoing_requests": s.target_ongoing_requests, "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s}
+    return {
+        "min_replicas": s.min_replicas,
+        "max_replicas": s.max_replicas,
+        "initial_replicas": s.initial_replicas,
+        "target_ongoing_requests": s.target_ongoing_requests,
+        "upscale_delay_s": s.upscale_delay_s,
+        "downscale_delay_s": s.downscale_delay_s,
+    }
 
 
 def application(run: RunConfig) -> Application:
@@ -49,11 +55,15 @@ def application(run: RunConfig) -> Application:
     s = run.serve
     raw = run.model_dump(mode="json")
     engine = Engine.options(
-        autoscaling_config=autoscaling(run), max_ongoing_requests=s.max_ongoing_requests, ray_actor_options=_actor_options(s.replica_resources),
+        autoscaling_config=autoscaling(run),
+        max_ongoing_requests=s.max_ongoing_requests,
+        ray_actor_options=_actor_options(s.replica_resources),
     ).bind(raw)
     api_key = s.api_key.get_secret_value() if s.api_key else None
     return Gateway.options(
-        num_replicas=s.api_replicas, max_ongoing_requests=s.max_concurrent_requests + GATEWAY_HEADROOM, ray_actor_options={"num_cpus": 0},
+        num_replicas=s.api_replicas,
+        max_ongoing_requests=s.max_concurrent_requests + GATEWAY_HEADROOM,
+        ray_actor_options={"num_cpus": 0},
     ).bind(engine, raw, api_key)
 
 
@@ -64,8 +74,12 @@ def build_app(args: dict[str, Any]) -> Application:
 
 def check(run: RunConfig) -> None:
     """Fail before Ray starts: the model loads its tokenizer and every named adapter exists."""
-    problems = [f"serve.adapters.{name} = {path!r}: no {adapter.CONFIG} + {adapter.WEIGHTS} there; train or sweep first, or fix the path"
-                for name, path in run.serve.adapters.items() if not adapters.exists(path)]
+    problems = [
+        f"serve.adapters.{name} = {path!r}: no {adapter.CONFIG} + {adapter.WEIGHTS} there; train or sweep first, or "
+        "fix the path"
+        for name, path in run.serve.adapters.items()
+        if not adapters.exists(path)
+    ]
     if run.serve.adapter_root and not os.path.isdir(run.serve.adapter_root):
         problems.append(f"serve.adapter_root = {run.serve.adapter_root!r}: no such folder; create it or fix the path")
     if problems:
@@ -77,12 +91,23 @@ def check(run: RunConfig) -> None:
 def serve_config(run: RunConfig) -> str:
     """A Serve config file (`serve deploy`) running this application with this config."""
     run = with_absolute_paths(run)
-    app = {"name": run.serve.name, "route_prefix": run.serve.route_prefix, "import_path": IMPORT_PATH,
-           "args": {"config": run.model_dump(mode="json", exclude={"serve": {"api_key"}})}}
-    doc = {"proxy_location": "EveryNode", "http_options": {"host": run.serve.host, "port": run.serve.port}, "applications": [app]}
+    app = {
+        "name": run.serve.name,
+        "route_prefix": run.serve.route_prefix,
+        "import_path": IMPORT_PATH,
+        "args": {"config": run.model_dump(mode="json", exclude={"serve": {"api_key"}})},
+    }
+    doc = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": run.serve.host, "port": run.serve.port},
+        "applications": [app],
+    }
     note = ""
     if run.serve.api_key:
-        note = f"# The API key is not written here: set {run.serve.api_key_env} in the replicas' environment (runtime_env.env_vars or the node).\n"
+        note = (
+            f"# The API key is not written here: set {run.serve.api_key_env} in the replicas' environment "
+            "(runtime_env.env_vars or the node).\n"
+        )
     return note + yaml.safe_dump(doc, sort_keys=False)
 
 

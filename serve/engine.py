@@ -57,12 +57,18 @@ def check_fits(model, name: str, folder: Path) -> None:
         try:
             module = base.get_submodule(path)
         except AttributeError:
-            raise AdapterLoadError(f"adapter {name!r} ({folder}) adapts {path}, which this base model does not have: it was trained on another architecture") from None
+            raise AdapterLoadError(
+                f"adapter {name!r} ({folder}) adapts {path}, which this base model does not have: it was trained on "
+                "another architecture"
+            ) from None
         module = getattr(module, "base_layer", module)  # already wrapped for another adapter
         expected = getattr(module, "in_features" if side == "A" else "out_features", None)
         actual = tensor.shape[1] if side == "A" else tensor.shape[0]
         if expected is not None and expected != actual:
-            raise AdapterLoadError(f"adapter {name!r} ({folder}) has {actual} features where {path} has {expected}: it was trained on another model size")
+            raise AdapterLoadError(
+                f"adapter {name!r} ({folder}) has {actual} features where {path} has {expected}: it was trained on "
+                "another model size"
+            )
 
 
 class LoadedAdapter:
@@ -97,7 +103,13 @@ class Engine:
         self.adapter = serve.multiplexed(max_num_models_per_replica=run.serve.max_adapters_per_replica)(load)
         self.generate_batch.set_max_batch_size(run.serve.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(run.serve.batch_wait_timeout_s)
-        log.info("engine ready: %s (%s) on %s, batches of up to %d", run.model.name, self.prompting.kind, self.device, run.serve.max_batch_size)
+        log.info(
+            "engine ready: %s (%s) on %s, batches of up to %d",
+            run.model.name,
+            self.prompting.kind,
+            self.device,
+            run.serve.max_batch_size,
+        )
 
     async def _load(self, name: str) -> LoadedAdapter:
         folder = adapters.resolve(self.serve_cfg, name)
@@ -119,7 +131,9 @@ class Engine:
                 self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
         except Exception as exc:  # broken files, or what check_fits cannot see
             self._drop_locked(name)
-            raise AdapterLoadError(f"adapter {name!r} ({folder}) cannot be loaded on this base model: {type(exc).__name__}: {exc}") from None
+            raise AdapterLoadError(
+                f"adapter {name!r} ({folder}) cannot be loaded on this base model: {type(exc).__name__}: {exc}"
+            ) from None
         self.model.eval()
         log.info("adapter %r loaded from %s", name, folder)
 

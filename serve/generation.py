@@ -53,7 +53,9 @@ def _held_back(text: str, stops: list[str]) -> int:
 class Progress(StoppingCriteria):
     """Per-row decoding, stop strings and limits, called by generate after every new token."""
 
-    def __init__(self, requests: list[GenRequest], tokenizer, eos_ids: set[int], emit: Callable[[list[Delta | None]], None]):
+    def __init__(
+        self, requests: list[GenRequest], tokenizer, eos_ids: set[int], emit: Callable[[list[Delta | None]], None]
+    ):
         self.requests, self.tokenizer, self.eos_ids, self.emit = requests, tokenizer, eos_ids, emit
         self.tokens: list[list[int]] = [[] for _ in requests]
         self.sent = [0] * len(requests)
@@ -93,14 +95,26 @@ class Progress(StoppingCriteria):
         return [None if f else self._finish(row, "length") for row, f in enumerate(self.finished)]
 
 
-def generate_kwargs(requests: list[GenRequest], prompting: Prompting, device, progress: Progress, mixed_adapters: bool) -> dict:
+def generate_kwargs(
+    requests: list[GenRequest], prompting: Prompting, device, progress: Progress, mixed_adapters: bool
+) -> dict:
     """Arguments of one `model.generate` call for requests sharing a sampling key."""
     inputs = prompting.pad_for_generation([r.prompt_ids for r in requests]).to(device)
     first = requests[0]
     # A tiny temperature (say 1e-308) overflows logits / temperature to inf; its limit is greedy decoding anyway.
-    sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p} if first.temperature >= GREEDY_BELOW else {"do_sample": False}
-    kwargs = {**inputs, **sampling, "max_new_tokens": max(r.max_tokens for r in requests), "stopping_criteria": StoppingCriteriaList([progress]),
-              "pad_token_id": prompting.tokenizer.pad_token_id, "use_cache": True}
+    sampling = (
+        {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p}
+        if first.temperature >= GREEDY_BELOW
+        else {"do_sample": False}
+    )
+    kwargs = {
+        **inputs,
+        **sampling,
+        "max_new_tokens": max(r.max_tokens for r in requests),
+        "stopping_criteria": StoppingCriteriaList([progress]),
+        "pad_token_id": prompting.tokenizer.pad_token_id,
+        "use_cache": True,
+    }
     if mixed_adapters:  # PEFT routes each row through its own adapter in the same forward pass
         kwargs["adapter_names"] = [r.adapter or BASE for r in requests]
     return kwargs

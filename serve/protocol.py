@@ -21,7 +21,9 @@ def _utf8(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError("contains an unpaired UTF-16 surrogate (e.g. \\ud800), which is not text; send valid Unicode") from None
+        raise ValueError(
+            "contains an unpaired UTF-16 surrogate (e.g. \\ud800), which is not text; send valid Unicode"
+        ) from None
     return text
 
 
@@ -33,11 +35,15 @@ class Sampling(BaseModel):
     max_completion_tokens: int | None = Field(None, description="Newer name for max_tokens (chat).")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 (or below 0.001) is greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the generation (cut from the output).")
+    stop: str | list[str] | None = Field(
+        None, description="Up to 4 strings that end the generation (cut from the output)."
+    )
     stream: bool = Field(False, description="Answer as server-sent events.")
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is generated.")
     seed: int | None = Field(None, description="Seed for sampling; the same seed repeats a sampled answer.")
-    user: str | None = Field(None, max_length=256, description="End-user id (logged by nobody, accepted for compatibility).")
+    user: str | None = Field(
+        None, max_length=256, description="End-user id (logged by nobody, accepted for compatibility)."
+    )
 
     @field_validator("stop")
     @classmethod
@@ -96,7 +102,9 @@ class ChatRequest(Sampling):
         return value
 
 
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
+def error_body(
+    message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -105,28 +113,48 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def completion(model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int, chat: bool) -> dict:
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish,
+            "logprobs": None,
+        }
         kind, prefix = "chat.completion", "chatcmpl"
     else:
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         kind, prefix = "text_completion", "cmpl"
-    return {"id": new_id(prefix), "object": kind, "created": int(time.time()), "model": model, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+    return {
+        "id": new_id(prefix),
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
 def chunk(stream_id: str, model: str, text: str, finish: str | None, chat: bool, first: bool = False) -> str:
     """One server-sent event of a streamed answer."""
+    body = {"id": stream_id, "created": int(time.time()), "model": model}
     if chat:
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        body = {"id": stream_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        body.update(
+            object="chat.completion.chunk",
+            choices=[{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        )
     else:
-        body = {"id": stream_id, "object": "text_completion", "created": int(time.time()), "model": model,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+        body.update(
+            object="text_completion", choices=[{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]
+        )
     return f"data: {json.dumps(body)}\n\n"
 
 

@@ -19,7 +19,13 @@ from jobs import adapter, report, storage
 from jobs.config import RunConfig, dump_config
 from tune.space import planned_steps, trial_config
 
-STATUS = {"TERMINATED": "completed", "ERROR": "failed", "PENDING": "not started", "PAUSED": "paused", "RUNNING": "interrupted"}
+STATUS = {
+    "TERMINATED": "completed",
+    "ERROR": "failed",
+    "PENDING": "not started",
+    "PAUSED": "paused",
+    "RUNNING": "interrupted",
+}
 
 
 @dataclass
@@ -47,7 +53,9 @@ def _last_error_line(trial) -> str:
     return ""
 
 
-def collect(experiment_dir: Path, run: RunConfig, base: dict[str, Any], targets: dict[str, Any], n_train: int) -> list[TrialRow]:
+def collect(
+    experiment_dir: Path, run: RunConfig, base: dict[str, Any], targets: dict[str, Any], n_train: int
+) -> list[TrialRow]:
     """One row per trial, best first (failed and never-reporting trials last)."""
     analysis = ExperimentAnalysis(str(experiment_dir))
     metric = run.tune.metric
@@ -67,14 +75,22 @@ def collect(experiment_dir: Path, run: RunConfig, base: dict[str, Any], targets:
             attempts=trial.num_failures if trial.status == "ERROR" else 1 + trial.num_failures,
             error=_last_error_line(trial) if trial.status == "ERROR" else "",
             curve=[(int(r["step"]), float(r[metric])) for r in scored],
-            curve_loss=[(int(r["step"]), float(r["eval_loss"])) for r in reports if r.get("eval_loss") == r.get("eval_loss")],
+            curve_loss=[
+                (int(r["step"]), float(r["eval_loss"])) for r in reports if r.get("eval_loss") == r.get("eval_loss")
+            ],
         )
         if row.status == "completed" and row.steps_run < row.planned_steps:
             row.status = "stopped early"
         if scored:
             best = min(scored, key=lambda r: (sign * r[metric], r["step"]))  # earliest step on ties
-            row.best, row.best_step, row.checkpoint = float(best[metric]), int(best["step"]), best.get(CHECKPOINT_PATH_KEY)
-            row.best_metrics = {k: v for k, v in best.items() if k.startswith("eval_") or k in ("step", "epoch", "loss")}
+            row.best, row.best_step, row.checkpoint = (
+                float(best[metric]),
+                int(best["step"]),
+                best.get(CHECKPOINT_PATH_KEY),
+            )
+            row.best_metrics = {
+                k: v for k, v in best.items() if k.startswith("eval_") or k in ("step", "epoch", "loss")
+            }
         rows.append(row)
     return sorted(rows, key=lambda r: (r.best is None, sign * (r.best or 0.0)))
 
@@ -87,9 +103,37 @@ def write_csv(rows: list[TrialRow], path: Path, metric: str) -> None:
     keys = sorted({k for r in rows for k in r.params})
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["rank", "trial_id", "status", *keys, f"best_{metric}", "best_step", "steps_run", "planned_steps", "wall_s", "attempts", "error"])
+        writer.writerow(
+            [
+                "rank",
+                "trial_id",
+                "status",
+                *keys,
+                f"best_{metric}",
+                "best_step",
+                "steps_run",
+                "planned_steps",
+                "wall_s",
+                "attempts",
+                "error",
+            ]
+        )
         for rank, r in enumerate(rows, 1):
-            writer.writerow([rank, r.trial_id, r.status, *(r.params.get(k, "") for k in keys), "" if r.best is None else r.best, r.best_step or "", r.steps_run, r.planned_steps, r.wall_s, r.attempts, r.error])
+            writer.writerow(
+                [
+                    rank,
+                    r.trial_id,
+                    r.status,
+                    *(r.params.get(k, "") for k in keys),
+                    "" if r.best is None else r.best,
+                    r.best_step or "",
+                    r.steps_run,
+                    r.planned_steps,
+                    r.wall_s,
+                    r.attempts,
+                    r.error,
+                ]
+            )
 
 
 def plot_curves(rows: list[TrialRow], path: Path, metric: str) -> None:
@@ -99,7 +143,13 @@ def plot_curves(rows: list[TrialRow], path: Path, metric: str) -> None:
         for r in rows:
             points = getattr(r, attr)
             if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, linestyle="--" if r.status != "completed" else "-", label=f"{r.trial_id} ({r.status})")
+                ax.plot(
+                    *zip(*points),
+                    marker="o",
+                    markersize=3,
+                    linestyle="--" if r.status != "completed" else "-",
+                    label=f"{r.trial_id} ({r.status})",
+                )
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.set_title(f"{label} per trial (dashed: stopped early or failed)")
@@ -118,18 +168,31 @@ def write_markdown(rows: list[TrialRow], path: Path, run: RunConfig, summary: di
     lines = [
         f"# Sweep leaderboard: {Path(run.tune.output_dir).name}",
         "",
-        f"Metric **{metric}** ({run.tune.resolved_mode()}), search **{run.tune.search_alg}**, scheduler **{run.tune.scheduler}**, "
+        f"Metric **{metric}** ({run.tune.resolved_mode()}), search **{run.tune.search_alg}**, scheduler "
+        f"**{run.tune.scheduler}**, "
         f"{summary['trials']} trials, {summary['trial_steps']} trial-steps in all, {summary['wall_s']} s wall time.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
     ]
     for rank, r in enumerate(rows, 1):
-        cells = [rank, r.trial_id, r.status, *(_param_text(r.params.get(k, "")) for k in keys), report.fmt(r.best), r.best_step or "", f"{r.steps_run}/{r.planned_steps}", r.wall_s, r.attempts]
+        cells = [
+            rank,
+            r.trial_id,
+            r.status,
+            *(_param_text(r.params.get(k, "")) for k in keys),
+            report.fmt(r.best),
+            r.best_step or "",
+            f"{r.steps_run}/{r.planned_steps}",
+            r.wall_s,
+            r.attempts,
+        ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     failed = [r for r in rows if r.error]
     if failed:
-        lines += ["", "## Failed trials", ""] + [f"- {r.trial_id} after {r.attempts} attempt(s): `{r.error}`" for r in failed]
+        lines += ["", "## Failed trials", ""] + [
+            f"- {r.trial_id} after {r.attempts} attempt(s): `{r.error}`" for r in failed
+        ]
     head = "\n".join(lines) + "\n"
     lines += ["", "## Metric curves", "", "![curves](curves.png)", ""]
     best = summary.get("best")
@@ -141,14 +204,17 @@ def write_markdown(rows: list[TrialRow], path: Path, run: RunConfig, summary: di
             f"Adapter: `best/adapter`, lineage: `best/lineage.json`, resolved config: `best/config.yaml`.",
             "",
             "```",
-            f"lorafleet eval --config {path.parent / 'best' / 'config.yaml'} --adapter {path.parent / 'best' / 'adapter'}",
+            f"lorafleet eval --config {path.parent / 'best' / 'config.yaml'} --adapter "
+            f"{path.parent / 'best' / 'adapter'}",
             "```",
         ]
     path.write_text("\n".join(lines) + "\n")
     return head
 
 
-def export_best(rows: list[TrialRow], sweep_dir: Path, run: RunConfig, base: dict[str, Any], targets: dict[str, Any]) -> dict[str, Any] | None:
+def export_best(
+    rows: list[TrialRow], sweep_dir: Path, run: RunConfig, base: dict[str, Any], targets: dict[str, Any]
+) -> dict[str, Any] | None:
     """Copy the best trial's best checkpoint adapter to best/adapter, with lineage.json and config.yaml."""
     best = next((r for r in rows if r.best is not None and r.checkpoint), None)
     if best is None:

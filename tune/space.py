@@ -21,7 +21,13 @@ from jobs.config import ConfigError, RunConfig, SearchDimension, set_dotted
 from jobs.model import model_kind, model_path
 
 # Settings that change how many optimizer steps a trial runs.
-STEP_KEYS = ("training.max_steps", "training.num_epochs", "training.batch_size", "training.gradient_accumulation_steps", "ray.num_workers")
+STEP_KEYS = (
+    "training.max_steps",
+    "training.num_epochs",
+    "training.batch_size",
+    "training.gradient_accumulation_steps",
+    "ray.num_workers",
+)
 
 
 def linear_layers(run: RunConfig) -> tuple[list[str], list[str]]:
@@ -59,7 +65,10 @@ def resolve_target_sets(run: RunConfig) -> dict[str, str | list[str]]:
             resolved[value] = value
         elif isinstance(value, str):
             if not named[value]:
-                problems.append(f"tune.target_modules = {value!r}: this architecture has no {value} projections; use another set or list module names")
+                problems.append(
+                    f"tune.target_modules = {value!r}: this architecture has no {value} projections; use another set "
+                    "or list module names"
+                )
             resolved[value] = named[value]
         else:
             resolved[target_label(value)] = list(value)
@@ -89,7 +98,9 @@ def param_space(run: RunConfig) -> dict[str, Any]:
     return {key: _domain(dim, grid, key) for key, dim in run.tune.dimensions().items()}
 
 
-def trial_config(base: dict[str, Any], params: dict[str, Any], targets: dict[str, Any], alpha_ratio: float | None) -> RunConfig:
+def trial_config(
+    base: dict[str, Any], params: dict[str, Any], targets: dict[str, Any], alpha_ratio: float | None
+) -> RunConfig:
     """The run config of one trial: the sweep's base config with the sampled values set."""
     raw = copy.deepcopy(base)
     for key, value in params.items():

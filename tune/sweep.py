@@ -23,7 +23,15 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
 from jobs import cluster, storage
-from jobs.config import ConfigError, RunConfig, TuneSection, dump_config, load_config, sweep_problems, with_absolute_paths
+from jobs.config import (
+    ConfigError,
+    RunConfig,
+    TuneSection,
+    dump_config,
+    load_config,
+    sweep_problems,
+    with_absolute_paths,
+)
 from jobs.data import prepare
 from jobs.prompting import Prompting
 from tune import leaderboard
@@ -64,7 +72,9 @@ def plan(run: RunConfig) -> SweepPlan:
     targets = resolve_target_sets(run)
     data = prepare(run.data, Prompting.load(run.model))  # bad data fails here, not in 8 trials
     base = run.model_dump(mode="json", exclude={"tune"})
-    return SweepPlan(run=run, base=base, targets=targets, n_train=len(data.train), max_steps=max_trial_steps(run, len(data.train)))
+    return SweepPlan(
+        run=run, base=base, targets=targets, n_train=len(data.train), max_steps=max_trial_steps(run, len(data.train))
+    )
 
 
 def _scheduler(p: SweepPlan):
@@ -88,7 +98,9 @@ def max_concurrent_trials(run: RunConfig) -> int:
     """As many trials as the cluster fits whole: each needs num_workers x resources_per_worker."""
     if run.tune.max_concurrent_trials:
         return run.tune.max_concurrent_trials
-    per_trial = {name: amount * run.ray.num_workers for name, amount in run.ray.resources_per_worker.items() if amount > 0}
+    per_trial = {
+        name: amount * run.ray.num_workers for name, amount in run.ray.resources_per_worker.items() if amount > 0
+    }
     if run.ray.use_gpu:
         per_trial.setdefault("GPU", run.ray.num_workers)
     available = ray.cluster_resources()
@@ -105,7 +117,14 @@ def _train_runs(run: RunConfig, sweep_dir: Path) -> str:
 
 def _trainable(p: SweepPlan, sweep_dir: Path):
     t = p.run.tune
-    fn = tune.with_parameters(run_trial, base=p.base, targets=p.targets, alpha_ratio=t.lora_alpha_ratio, storage=_train_runs(p.run, sweep_dir), score=(t.metric, t.resolved_mode()))
+    fn = tune.with_parameters(
+        run_trial,
+        base=p.base,
+        targets=p.targets,
+        alpha_ratio=t.lora_alpha_ratio,
+        storage=_train_runs(p.run, sweep_dir),
+        score=(t.metric, t.resolved_mode()),
+    )
     # The trial only drives its Train run, whose workers hold the CPUs/GPUs; it asks for memory
     # alone (Tune refuses an all-zero request), so a trial on a full node still gets its workers.
     return tune.with_resources(fn, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
@@ -120,7 +139,9 @@ def _tuner(p: SweepPlan, sweep_dir: Path, resume: bool) -> tune.Tuner:
     experiment = sweep_dir / EXPERIMENT
     if resume:
         # Finished and failed trials stay as they are; interrupted ones continue from their checkpoints.
-        return tune.Tuner.restore(str(experiment), trainable=_trainable(p, sweep_dir), resume_unfinished=True, resume_errored=False)
+        return tune.Tuner.restore(
+            str(experiment), trainable=_trainable(p, sweep_dir), resume_unfinished=True, resume_errored=False
+        )
     t = p.run.tune
     return tune.Tuner(
         _trainable(p, sweep_dir),
@@ -133,30 +154,56 @@ def _tuner(p: SweepPlan, sweep_dir: Path, resume: bool) -> tune.Tuner:
             scheduler=_scheduler(p),
             time_budget_s=t.time_budget_s,
         ),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(sweep_dir), failure_config=tune.FailureConfig(max_failures=t.trial_retries)),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=str(sweep_dir),
+            failure_config=tune.FailureConfig(max_failures=t.trial_retries),
+        ),
     )
 
 
 def _prepare_dir(run: RunConfig, sweep_dir: Path, resume: bool) -> None:
     experiment = sweep_dir / EXPERIMENT
     if resume and not tune.Tuner.can_restore(str(experiment)):
-        raise ConfigError([f"--resume = {str(sweep_dir)!r}: no sweep to resume there (no {EXPERIMENT}/ state); start one with lorafleet sweep --config FILE"])
+        raise ConfigError(
+            [
+                f"--resume = {str(sweep_dir)!r}: no sweep to resume there (no {EXPERIMENT}/ state); start one with "
+                "lorafleet sweep --config FILE"
+            ]
+        )
     if not resume and experiment.exists():
-        raise ConfigError([f"tune.output_dir = {run.tune.output_dir!r}: already holds a sweep; resume it with lorafleet sweep --resume {sweep_dir}, or set another tune.output_dir"])
+        raise ConfigError(
+            [
+                f"tune.output_dir = {run.tune.output_dir!r}: already holds a sweep; resume it with lorafleet sweep "
+                f"--resume {sweep_dir}, or set another tune.output_dir"
+            ]
+        )
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / SWEEP_CONFIG).write_text(dump_config(run))
 
 
-def write_results(p: SweepPlan, sweep_dir: Path, wall_s: float) -> tuple[list[leaderboard.TrialRow], dict[str, Any], str]:
+def write_results(
+    p: SweepPlan, sweep_dir: Path, wall_s: float
+) -> tuple[list[leaderboard.TrialRow], dict[str, Any], str]:
     metric = p.run.tune.metric
     rows = leaderboard.collect(sweep_dir / EXPERIMENT, p.run, p.base, p.targets, p.n_train)
     lineage = leaderboard.export_best(rows, sweep_dir, p.run, p.base, p.targets)
-    best = {"trial_id": lineage["trial_id"], "step": lineage["step"], "metrics": lineage["metrics"]} if lineage else None
-    summary = {"trials": len(rows), "trial_steps": sum(r.steps_run for r in rows), "wall_s": round(wall_s, 1), "max_steps_per_trial": p.max_steps, "best": best}
+    best = (
+        {"trial_id": lineage["trial_id"], "step": lineage["step"], "metrics": lineage["metrics"]} if lineage else None
+    )
+    summary = {
+        "trials": len(rows),
+        "trial_steps": sum(r.steps_run for r in rows),
+        "wall_s": round(wall_s, 1),
+        "max_steps_per_trial": p.max_steps,
+        "best": best,
+    }
     leaderboard.write_csv(rows, sweep_dir / "leaderboard.csv", metric)
     leaderboard.plot_curves(rows, sweep_dir / "curves.png", metric)
     head = leaderboard.write_markdown(rows, sweep_dir / "leaderboard.md", p.run, summary)
-    (sweep_dir / "sweep.json").write_text(json.dumps({**summary, "rows": leaderboard.rows_as_dicts(rows)}, indent=2, default=str))
+    (sweep_dir / "sweep.json").write_text(
+        json.dumps({**summary, "rows": leaderboard.rows_as_dicts(rows)}, indent=2, default=str)
+    )
     return rows, summary, head
 
 
@@ -178,5 +225,10 @@ def resume_config(sweep_dir: Path) -> RunConfig:
     """The config a sweep was started with, pointed at where its folder is now."""
     saved = sweep_dir / SWEEP_CONFIG
     if not saved.is_file():
-        raise ConfigError([f"--resume = {str(sweep_dir)!r}: no {SWEEP_CONFIG} there; pass the folder a sweep wrote (its tune.output_dir)"])
+        raise ConfigError(
+            [
+                f"--resume = {str(sweep_dir)!r}: no {SWEEP_CONFIG} there; pass the folder a sweep wrote (its "
+                "tune.output_dir)"
+            ]
+        )
     return load_config(saved, [f"tune.output_dir={sweep_dir}"])

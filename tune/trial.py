@@ -20,8 +20,18 @@ from jobs.train import fit
 from tune.space import trial_config
 
 
-def run_trial(params: dict[str, Any], *, base: dict[str, Any], targets: dict[str, Any], alpha_ratio: float | None, storage: str, score: tuple[str, str]) -> None:
+def run_trial(
+    params: dict[str, Any],
+    *,
+    base: dict[str, Any],
+    targets: dict[str, Any],
+    alpha_ratio: float | None,
+    storage: str,
+    score: tuple[str, str],
+) -> None:
     run = trial_config(base, params, targets, alpha_ratio)
     prompting = Prompting.load(run.model)
-    placement = RunPlacement(name=ray.tune.get_context().get_trial_id(), storage_path=storage, callbacks=(TuneReportCallback(),), score=score)
+    placement = RunPlacement(
+        name=ray.tune.get_context().get_trial_id(), storage_path=storage, callbacks=(TuneReportCallback(),), score=score
+    )
     fit(run, prepare(run.data, prompting), prompting, placement)

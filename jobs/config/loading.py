@@ -25,7 +25,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            problems.append(problem("override", item, "write overrides as dotted.key=value, e.g. training.learning_rate=1e-4"))
+            problems.append(
+                problem("override", item, "write overrides as dotted.key=value, e.g. training.learning_rate=1e-4")
+            )
             continue
         node = raw
         *parents, leaf = key.strip().split(".")
@@ -40,7 +42,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 node[leaf] = yaml.safe_load(value) if value.strip() else None
             except yaml.YAMLError as exc:
                 reason = str(exc).splitlines()[0]
-                problems.append(problem(key.strip(), value, f"not a YAML value ({reason}); quote the whole override in the shell, e.g. 'ray.resources_per_worker={{CPU: 4}}'"))
+                problems.append(
+                    problem(
+                        key.strip(),
+                        value,
+                        f"not a YAML value ({reason}); quote the whole override in the shell, e.g. "
+                        f"'ray.resources_per_worker={{CPU: 4}}'",
+                    )
+                )
     if problems:
         raise ConfigError(problems, "overrides")
     return raw
@@ -82,15 +91,36 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         try:
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
-            raise ConfigError([problem("--config", str(path), "file not found; pass an existing YAML file")], source) from None
+            raise ConfigError(
+                [problem("--config", str(path), "file not found; pass an existing YAML file")], source
+            ) from None
         except yaml.YAMLError as exc:
             raise ConfigError([problem("--config", str(path), f"not valid YAML: {exc}")], source) from None
         if not isinstance(raw, dict):
-            raise ConfigError([problem("--config", type(raw).__name__, "the file must be a YAML mapping of sections (model:, lora:, ...)")], source)
+            raise ConfigError(
+                [
+                    problem(
+                        "--config",
+                        type(raw).__name__,
+                        "the file must be a YAML mapping of sections (model:, lora:, ...)",
+                    )
+                ],
+                source,
+            )
     return validate(apply_overrides(raw, list(overrides)), source)
 
 
-PATH_FIELDS = ("model.name", "data.path", "data.eval_path", "eval.json_schema", "training.deepspeed", "training.output_dir", "ray.storage_path", "tune.output_dir", "serve.adapter_root")
+PATH_FIELDS = (
+    "model.name",
+    "data.path",
+    "data.eval_path",
+    "eval.json_schema",
+    "training.deepspeed",
+    "training.output_dir",
+    "ray.storage_path",
+    "tune.output_dir",
+    "serve.adapter_root",
+)
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -105,10 +135,17 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
         if section == "tune" and not cfg.is_sweep:
             continue
         value = getattr(getattr(cfg, section), leaf)
-        if isinstance(value, str) and "://" not in value and value != "demo" and (Path(value).exists() or leaf in ("output_dir", "storage_path")):
+        if (
+            isinstance(value, str)
+            and "://" not in value
+            and value != "demo"
+            and (Path(value).exists() or leaf in ("output_dir", "storage_path"))
+        ):
             raw.setdefault(section, {})[leaf] = str(Path(value).resolve())
     if cfg.serve.adapters:
-        raw["serve"]["adapters"] = {name: path if "://" in path else str(Path(path).resolve()) for name, path in cfg.serve.adapters.items()}
+        raw["serve"]["adapters"] = {
+            name: path if "://" in path else str(Path(path).resolve()) for name, path in cfg.serve.adapters.items()
+        }
     return RunConfig.model_validate(raw)
 
 

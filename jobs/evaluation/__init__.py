@@ -55,7 +55,10 @@ def eval_examples(run: RunConfig) -> list[dict[str, Any]]:
         examples, _ = load_examples(run.data.model_copy(update={"path": run.data.eval_path, "max_samples": None}))
         return examples
     if run.data.validation_fraction == 0:
-        raise DataError("data.validation_fraction = 0: there is no held-out split to evaluate on; set data.eval_path or data.validation_fraction")
+        raise DataError(
+            "data.validation_fraction = 0: there is no held-out split to evaluate on; set data.eval_path or "
+            "data.validation_fraction"
+        )
     examples, _ = load_examples(run.data)
     return list(split(examples, run.data)[1])
 
@@ -65,37 +68,52 @@ def json_schema(run: RunConfig) -> dict[str, Any] | None:
     return yaml.safe_load(Path(schema).read_text()) if isinstance(schema, str) else schema
 
 
-def loss_and_perplexity(model, prompting: Prompting, examples: list[dict[str, Any]], run: RunConfig) -> dict[str, float]:
+def loss_and_perplexity(
+    model, prompting: Prompting, examples: list[dict[str, Any]], run: RunConfig
+) -> dict[str, float]:
     """Token-weighted mean loss over the targets (prompts masked, as in training)."""
     collate = DataCollatorForSeq2Seq(prompting.tokenizer, label_pad_token_id=-100)
     seq2seq = prompting.kind == "seq2seq"
-    encoded = [{k: v for k, v in encode(e, prompting, run.data).items() if k in ("input_ids", "attention_mask", "labels")} for e in examples]
+    encoded = [
+        {k: v for k, v in encode(e, prompting, run.data).items() if k in ("input_ids", "attention_mask", "labels")}
+        for e in examples
+    ]
     total_loss, total_tokens = 0.0, 0
     model.eval()
     with torch.no_grad():
         for start in range(0, len(encoded), run.eval.batch_size):
             batch = collate(encoded[start : start + run.eval.batch_size]).to(model.device)
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}, **({"labels": batch["labels"]} if seq2seq else {})).logits
+            logits = model(
+                **{k: v for k, v in batch.items() if k != "labels"}, **({"labels": batch["labels"]} if seq2seq else {})
+            ).logits
             labels = batch["labels"] if seq2seq else batch["labels"][:, 1:]
             logits = logits if seq2seq else logits[:, :-1]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
             total_loss += float(loss)
             total_tokens += int((labels != -100).sum())
     mean = total_loss / max(total_tokens, 1)
     return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50))}
 
 
-def task_metrics(run: RunConfig, model, prompting: Prompting, examples: list[dict[str, Any]], desc: str) -> tuple[list[Generation], list[dict[str, float]], dict[str, float]]:
+def task_metrics(
+    run: RunConfig, model, prompting: Prompting, examples: list[dict[str, Any]], desc: str
+) -> tuple[list[Generation], list[dict[str, float]], dict[str, float]]:
     """Generate for every example and score it; failures count as 0 and are counted."""
     schema = json_schema(run)
     generations = generate(model, prompting, [e["prompt"] for e in examples], run.data, run.eval, desc=desc)
-    per_example = [score(g.text, e["references"], run.eval.metrics, schema) for g, e in zip(generations, examples, strict=True)]
+    per_example = [
+        score(g.text, e["references"], run.eval.metrics, schema) for g, e in zip(generations, examples, strict=True)
+    ]
     metrics = aggregate(per_example, metric_names(run.eval.metrics, schema))
     metrics["failed_generations"] = sum(g.error is not None for g in generations)
     return generations, per_example, metrics
 
 
-def evaluate_model(label: str, model, prompting: Prompting, examples: list[dict[str, Any]], run: RunConfig) -> ModelResult:
+def evaluate_model(
+    label: str, model, prompting: Prompting, examples: list[dict[str, Any]], run: RunConfig
+) -> ModelResult:
     started = time.time()
     generations, per_example, metrics = task_metrics(run, model, prompting, examples, desc=f"Generating ({label})")
     metrics = {**loss_and_perplexity(model, prompting, examples, run), **metrics}
@@ -103,7 +121,9 @@ def evaluate_model(label: str, model, prompting: Prompting, examples: list[dict[
     return ModelResult(label, generations, per_example, metrics, dict(failures), round(time.time() - started, 1))
 
 
-def run_eval(run: RunConfig, adapter: Path | None, with_base: bool, output_dir: Path, predictions: Path | None = None) -> EvalOutcome:
+def run_eval(
+    run: RunConfig, adapter: Path | None, with_base: bool, output_dir: Path, predictions: Path | None = None
+) -> EvalOutcome:
     """The base model (with_base) then the adapter, on one loaded base model; writes the reports."""
     examples = eval_examples(run)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,10 +146,20 @@ def write_predictions(path: Path, examples: list[dict[str, Any]], results: dict[
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as handle:
         for i, example in enumerate(examples):
-            row = {"id": example["id"], "input": example["prompt"], "prediction": primary.generations[i].text, "references": example["references"],
-                   "model": primary.label, "error": primary.generations[i].error, "metrics": primary.per_example[i]}
+            row = {
+                "id": example["id"],
+                "input": example["prompt"],
+                "prediction": primary.generations[i].text,
+                "references": example["references"],
+                "model": primary.label,
+                "error": primary.generations[i].error,
+                "metrics": primary.per_example[i],
+            }
             if "adapter" in results and "base" in results:
-                row["base_prediction"], row["base_metrics"] = results["base"].generations[i].text, results["base"].per_example[i]
+                row["base_prediction"], row["base_metrics"] = (
+                    results["base"].generations[i].text,
+                    results["base"].per_example[i],
+                )
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
@@ -158,26 +188,57 @@ def _failures(results: dict[str, ModelResult], total: int) -> str:
 def _samples(examples: list[dict[str, Any]], results: dict[str, ModelResult], count: int) -> str:
     blocks = []
     for i, example in enumerate(examples[:count]):
-        parts = [f"### Sample {i + 1} (`{example['id']}`)", "**Input:**", f"```\n{example['prompt']}\n```", "**Expected:**", f"```\n{example['target']}\n```"]
+        parts = [
+            f"### Sample {i + 1} (`{example['id']}`)",
+            "**Input:**",
+            f"```\n{example['prompt']}\n```",
+            "**Expected:**",
+            f"```\n{example['target']}\n```",
+        ]
         for label, result in results.items():
             g = result.generations[i]
-            parts += [f"**{label.capitalize()}:**", f"```\n{g.text if g.text is not None else '(failed: ' + str(g.error) + ')'}\n```"]
+            parts += [
+                f"**{label.capitalize()}:**",
+                f"```\n{g.text if g.text is not None else '(failed: ' + str(g.error) + ')'}\n```",
+            ]
         blocks.append("\n\n".join(parts))
     return "\n\n".join(blocks)
 
 
-def write_reports(output_dir: Path, run: RunConfig, examples: list[dict[str, Any]], results: dict[str, ModelResult], adapter: Path | None) -> str:
-    """eval.json, eval.png and eval.md; returns the head of eval.md (what was evaluated, the metrics): what the CLI prints."""
-    source = run.data.eval_path or f"{run.data.path} (held-out {run.data.validation_fraction:.0%}, seed {run.data.seed})"
-    summary = {"model": run.model.name, "adapter": str(adapter) if adapter else None, "eval_set": source, "examples": len(examples),
-               "generation": run.eval.model_dump(mode="json"), "results": {label: {"metrics": r.metrics, "failures": r.failures, "seconds": r.seconds} for label, r in results.items()}}
+def write_reports(
+    output_dir: Path,
+    run: RunConfig,
+    examples: list[dict[str, Any]],
+    results: dict[str, ModelResult],
+    adapter: Path | None,
+) -> str:
+    """eval.json, eval.png and eval.md; returns the head of eval.md (what was evaluated, the metrics): what the CLI
+    prints.
+    """
+    source = (
+        run.data.eval_path or f"{run.data.path} (held-out {run.data.validation_fraction:.0%}, seed {run.data.seed})"
+    )
+    summary = {
+        "model": run.model.name,
+        "adapter": str(adapter) if adapter else None,
+        "eval_set": source,
+        "examples": len(examples),
+        "generation": run.eval.model_dump(mode="json"),
+        "results": {
+            label: {"metrics": r.metrics, "failures": r.failures, "seconds": r.seconds} for label, r in results.items()
+        },
+    }
     (output_dir / "eval.json").write_text(json.dumps(summary, indent=2))
-    charted = {label: {n: v for n, v in r.metrics.items() if n not in ("failed_generations", "perplexity")} for label, r in results.items()}
+    charted = {
+        label: {n: v for n, v in r.metrics.items() if n not in ("failed_generations", "perplexity")}
+        for label, r in results.items()
+    }
     plot_bars(charted, output_dir / "eval.png", "Evaluation: base vs adapter")
     sections = [
         f"# Evaluation: {run.model.name}" + (f" + `{adapter}`" if adapter else ""),
         f"Eval set: {source}, {len(examples)} examples. Generation: max_new_tokens={run.eval.max_new_tokens}, "
-        f"{'sampling' if run.eval.do_sample else 'beam search' if run.eval.num_beams > 1 else 'greedy'}, stop={run.eval.stop}.",
+        f"{'sampling' if run.eval.do_sample else 'beam search' if run.eval.num_beams > 1 else 'greedy'}, "
+        f"stop={run.eval.stop}.",
         "## Metrics\n\n" + _metrics_table(results) + "\n\n![metrics](eval.png)",
         "## Failed generations\n\n" + _failures(results, len(examples)),
         "## Timings\n\n" + "\n".join(f"- {label}: {r.seconds} s" for label, r in results.items()),

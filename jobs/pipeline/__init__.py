@@ -62,7 +62,13 @@ def fit(run: RunConfig) -> Fitted:
         if outcome.summary["best"] is None:
             raise PipelineFailed(f"no trial reported {run.tune.metric}; see {outcome.sweep_dir / 'leaderboard.md'}")
         best = outcome.sweep_dir / "best"
-        return Fitted(best / "adapter", load_config(best / "config.yaml"), outcome.sweep_dir / "leaderboard.md", outcome.summary_md, outcome.published)
+        return Fitted(
+            best / "adapter",
+            load_config(best / "config.yaml"),
+            outcome.sweep_dir / "leaderboard.md",
+            outcome.summary_md,
+            outcome.published,
+        )
     from jobs.train import train
 
     outcome = train(run)
@@ -73,15 +79,32 @@ def smoke_request(endpoint: str, name: str, run: RunConfig, api_key: str | None)
     """One held-out example through the deployed app, as a client would send it."""
     example = eval_examples(run)[0]
     use_chat = Prompting.load(run.model).use_chat
-    limits = {"model": name, "max_tokens": min(run.eval.max_new_tokens, run.serve.max_tokens_limit), "temperature": 0, "stop": run.eval.stop[:4] or None}
-    route, body = ("/chat/completions", {**limits, "messages": [{"role": "user", "content": example["prompt"]}]}) if use_chat else ("/completions", {**limits, "prompt": example["prompt"]})
+    limits = {
+        "model": name,
+        "max_tokens": min(run.eval.max_new_tokens, run.serve.max_tokens_limit),
+        "temperature": 0,
+        "stop": run.eval.stop[:4] or None,
+    }
+    route, body = (
+        ("/chat/completions", {**limits, "messages": [{"role": "user", "content": example["prompt"]}]})
+        if use_chat
+        else ("/completions", {**limits, "prompt": example["prompt"]})
+    )
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     response = httpx.post(endpoint + route, json=body, headers=headers, timeout=300)
     if response.status_code != 200:
-        raise PipelineFailed(f"smoke request to {endpoint + route} answered {response.status_code}: {response.text[:500]}")
+        raise PipelineFailed(
+            f"smoke request to {endpoint + route} answered {response.status_code}: {response.text[:500]}"
+        )
     choice = response.json()["choices"][0]
     answer = choice["message"]["content"] if use_chat else choice["text"]
-    return {"route": route, "prompt": example["prompt"], "answer": answer, "references": example["references"], "finish_reason": choice["finish_reason"]}
+    return {
+        "route": route,
+        "prompt": example["prompt"],
+        "answer": answer,
+        "references": example["references"],
+        "finish_reason": choice["finish_reason"],
+    }
 
 
 def pipeline(run: RunConfig) -> PipelineOutcome:
@@ -92,19 +115,34 @@ def pipeline(run: RunConfig) -> PipelineOutcome:
     eval_dir = fitted.adapter.parent / "eval"
     evaluated = run_eval(fitted.run, fitted.adapter, True, eval_dir)
     source = str(fitted.adapter.resolve())
-    if fitted.published:  # the eval report joins the published outputs; replicas on other nodes load the adapter from there
+    if (
+        fitted.published
+    ):  # the eval report joins the published outputs; replicas on other nodes load the adapter from there
         root = fitted.report.parent
         storage.upload(eval_dir, f"{fitted.published}/{eval_dir.relative_to(root).as_posix()}")
         source = f"{fitted.published}/{fitted.adapter.relative_to(root).as_posix()}"
     name = adapter_name(run)
-    serving = fitted.run.model_copy(update={"serve": run.serve.model_copy(update={"adapters": {**run.serve.adapters, name: source}})})
+    serving = fitted.run.model_copy(
+        update={"serve": run.serve.model_copy(update={"adapters": {**run.serve.adapters, name: source}})}
+    )
     endpoint = serve_app.deploy(serving)
     smoke = smoke_request(endpoint, name, fitted.run, serving.serve.bearer_token())
     told = [fitted.summary_md, evaluated.summary_md, smoke_summary(smoke, name)]
-    return PipelineOutcome(adapter=fitted.adapter, summary=fitted.report, eval_report=evaluated.report, endpoint=endpoint, adapter_name=name,
-                           smoke=smoke, summary_md="\n".join(part for part in told if part), published=fitted.published)
+    return PipelineOutcome(
+        adapter=fitted.adapter,
+        summary=fitted.report,
+        eval_report=evaluated.report,
+        endpoint=endpoint,
+        adapter_name=name,
+        smoke=smoke,
+        summary_md="\n".join(part for part in told if part),
+        published=fitted.published,
+    )
 
 
 def smoke_summary(smoke: dict, name: str) -> str:
-    return (f"smoke request ({smoke['route']}, model {name!r}):\n  prompt:    {smoke['prompt'][:300]!r}\n  answer:    {smoke['answer']!r}\n"
-            f"  reference: {smoke['references'][0]!r}")
+    return (
+        f"smoke request ({smoke['route']}, model {name!r}):\n  prompt:    {smoke['prompt'][:300]!r}\n  answer:    "
+        f"{smoke['answer']!r}\n"
+        f"  reference: {smoke['references'][0]!r}"
+    )

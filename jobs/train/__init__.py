@@ -36,7 +36,12 @@ from jobs.prompting import Prompting
 log = logging.getLogger("lorafleet.train")
 FAIL_AT_ENV = "LORAFLEET_FAIL_AT"
 # DeepSpeed keys the Trainer fills from `training.*` when they say "auto".
-TRAINER_OWNED_DEEPSPEED_KEYS = ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "gradient_clipping")
+TRAINER_OWNED_DEEPSPEED_KEYS = (
+    "train_micro_batch_size_per_gpu",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+)
 
 
 @dataclass
@@ -51,9 +56,17 @@ class TrainOutcome:
         """What the run did and where its outputs are, for the CLI to print."""
         m = self.metrics
         pairs = (("train_loss", "train loss"), ("eval_loss", "eval loss"))
-        losses = [f"{label} {m[f'first_{key}']:.4f} -> {m[f'final_{key}']:.4f}" for key, label in pairs if m[f"first_{key}"] is not None]
-        lines = [f"done in {m['job_total_s']} s, {m['steps']} steps: {', '.join(losses) or 'no loss logged'}", f"adapter: {self.adapter_dir}",
-                 f"report:  {self.output_dir / 'report.md'}", f"metrics: {self.output_dir / 'metrics.json'}"]
+        losses = [
+            f"{label} {m[f'first_{key}']:.4f} -> {m[f'final_{key}']:.4f}"
+            for key, label in pairs
+            if m[f"first_{key}"] is not None
+        ]
+        lines = [
+            f"done in {m['job_total_s']} s, {m['steps']} steps: {', '.join(losses) or 'no loss logged'}",
+            f"adapter: {self.adapter_dir}",
+            f"report:  {self.output_dir / 'report.md'}",
+            f"metrics: {self.output_dir / 'metrics.json'}",
+        ]
         return "\n".join(lines + ([f"copied to {self.published}"] if self.published else []))
 
 
@@ -65,7 +78,9 @@ class RunInfoCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not any("trainable_parameters" in entry for entry in state.log_history):
-            state.log_history.append({"step": 0, "trainable_parameters": self.counts["trainable"], "total_parameters": self.counts["total"]})
+            state.log_history.append(
+                {"step": 0, "trainable_parameters": self.counts["trainable"], "total_parameters": self.counts["total"]}
+            )
         if self.resumed:
             state.log_history.append({"step": state.global_step, "resumed_from_step": state.global_step})
 
@@ -91,7 +106,11 @@ class FinalEvaluationCallback(TrainerCallback):
     (always saved) is reported with metrics of its own, not those of an earlier evaluation."""
 
     def on_step_end(self, args, state, control, **kwargs):
-        if args.eval_strategy == "steps" and state.global_step >= state.max_steps and state.global_step % args.eval_steps:
+        if (
+            args.eval_strategy == "steps"
+            and state.global_step >= state.max_steps
+            and state.global_step % args.eval_steps
+        ):
             control.should_evaluate = True
 
 
@@ -202,7 +221,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def fit(run: RunConfig, data: PreparedData, prompting: Prompting, placement: cluster.RunPlacement | None = None) -> ray.train.Result:
+def fit(
+    run: RunConfig, data: PreparedData, prompting: Prompting, placement: cluster.RunPlacement | None = None
+) -> ray.train.Result:
     cluster.connect(run.ray.address)
     run_json = run.model_dump(mode="json")
     # Inlined here: a DeepSpeed file path of the driver's node need not exist on the workers' nodes.
@@ -210,9 +231,18 @@ def fit(run: RunConfig, data: PreparedData, prompting: Prompting, placement: clu
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         # Each worker loads its own tokenizer; the rest of how prompts are read travels with the config.
-        train_loop_config={"run": run_json, "data": ray.put(data), "kind": prompting.kind, "use_chat": prompting.use_chat},
-        scaling_config=ray.train.ScalingConfig(num_workers=run.ray.num_workers, use_gpu=run.ray.use_gpu, resources_per_worker=run.ray.resources_per_worker),
-        run_config=cluster.train_run_config(run, data.eval is not None, placement or cluster.RunPlacement(), passed=(FAIL_AT_ENV,)),
+        train_loop_config={
+            "run": run_json,
+            "data": ray.put(data),
+            "kind": prompting.kind,
+            "use_chat": prompting.use_chat,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=run.ray.num_workers, use_gpu=run.ray.use_gpu, resources_per_worker=run.ray.resources_per_worker
+        ),
+        run_config=cluster.train_run_config(
+            run, data.eval is not None, placement or cluster.RunPlacement(), passed=(FAIL_AT_ENV,)
+        ),
     )
     return trainer.fit()
 
@@ -232,7 +262,12 @@ def export(result: ray.train.Result, run: RunConfig, output_dir: Path, has_eval:
         chosen_state = json.loads((Path(path) / adapter.IN_CHECKPOINT / "trainer_state.json").read_text())
     with result.checkpoint.as_directory() as path:
         final_state = json.loads((Path(path) / adapter.IN_CHECKPOINT / "trainer_state.json").read_text())
-    info = {"chosen_step": chosen_state["global_step"], "final_step": final_state["global_step"], "checkpoint": chosen.path, "log_history": final_state["log_history"]}
+    info = {
+        "chosen_step": chosen_state["global_step"],
+        "final_step": final_state["global_step"],
+        "checkpoint": chosen.path,
+        "log_history": final_state["log_history"],
+    }
     return adapter_dir, info
 
 
@@ -253,8 +288,15 @@ def train(run: RunConfig) -> TrainOutcome:
 
     adapter_dir, info = export(result, run, output_dir, data.eval is not None)
     metrics = report.summarize(info["log_history"], fit_seconds, time.time() - started)
-    metrics.update(chosen_step=info["chosen_step"], final_step=info["final_step"], checkpoint=info["checkpoint"], kind=prompting.kind)
-    (output_dir / "metrics.json").write_text(json.dumps({**metrics, "data": data.report, "log_history": info["log_history"]}, indent=2))
+    metrics.update(
+        chosen_step=info["chosen_step"],
+        final_step=info["final_step"],
+        checkpoint=info["checkpoint"],
+        kind=prompting.kind,
+    )
+    (output_dir / "metrics.json").write_text(
+        json.dumps({**metrics, "data": data.report, "log_history": info["log_history"]}, indent=2)
+    )
     report.write(output_dir, run, metrics, data.report, info["log_history"])
     published = storage.publish(output_dir, run.ray.storage_path)
     return TrainOutcome(output_dir=output_dir, adapter_dir=adapter_dir, metrics=metrics, published=published)
