@@ -37,12 +37,17 @@ AUTH_OFF = (
 )
 
 
+def joins_cluster(address: str | None) -> bool:
+    """Whether `ray.init(address)` joins an existing cluster (`address` or RAY_ADDRESS) rather than embedding one."""
+    return address is not None or bool(os.environ.get("RAY_ADDRESS"))
+
+
 def connect(address: str | None) -> None:
     """`ray.init` once per process: `address`, else RAY_ADDRESS, else an embedded local Ray."""
     if ray.is_initialized():
         return
     context = ray.init(address=address)
-    if address or os.environ.get("RAY_ADDRESS"):
+    if joins_cluster(address):
         warn_if_auth_off(context.dashboard_url)
 
 
@@ -56,11 +61,9 @@ def auth_mode(dashboard_url: str) -> str | None:
         return None  # no dashboard (include_dashboard=False) or an older Ray: nothing to say
 
 
-def warn_if_auth_off(dashboard_url: str | None) -> bool:
+def warn_if_auth_off(dashboard_url: str | None) -> None:
     if dashboard_url and auth_mode(dashboard_url) == "disabled":
         log.warning(AUTH_OFF.format(url=dashboard_url))
-        return True
-    return False
 
 
 def _storage_path(run: RunConfig) -> str:

@@ -134,7 +134,7 @@ def serving_summary(run: RunConfig, url: str) -> str:
 
 def embedded(run: RunConfig) -> bool:
     """No cluster address anywhere: the app lives only as long as this process's Ray."""
-    return run.ray.address is None and not os.environ.get("RAY_ADDRESS")
+    return not cluster.joins_cluster(run.ray.address)
 
 
 def wait_forever() -> None:

@@ -1,9 +1,16 @@
-"""Subprocesses in tests: a failure shows what the command printed."""
+"""Subprocesses in tests and the loopback ports they listen on: a failure shows what the command printed."""
 
 from __future__ import annotations
 
 import shlex
+import socket
 import subprocess
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def output(done: subprocess.CompletedProcess, tail: int = 4000) -> str:

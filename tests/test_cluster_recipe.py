@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.subprocesses import output, run, run_ok
+from tests.subprocesses import free_port, output, run, run_ok
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -29,12 +29,6 @@ def recipe() -> list[str]:
 def _free(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fresh_user_env(home: Path) -> dict[str, str]:
@@ -78,7 +72,7 @@ def test_the_readme_recipe_starts_a_cluster_that_refuses_jobs_without_the_token(
 def open_cluster(tmp_path_factory):
     """`ray start --head` where no token exists: Ray starts it with authentication off."""
     env = fresh_user_env(tmp_path_factory.mktemp("open-home"))
-    dashboard, gcs = _free_port(), _free_port()
+    dashboard, gcs = free_port(), free_port()
     run_ok([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", f"--dashboard-port={dashboard}", "--num-cpus=2",
             "--disable-usage-stats"], env=env, timeout=180)
     yield {"dashboard": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}", "env": env}
@@ -97,6 +91,6 @@ def test_lorafleet_submit_warns_about_a_cluster_without_authentication(open_clus
 def test_lorafleet_serve_warns_about_a_cluster_without_authentication(open_cluster, tiny_causal):
     lorafleet = shutil.which("lorafleet", path=str(BIN))
     done = run([lorafleet, "serve", "--config", "configs/demo.yaml", f"model.name={tiny_causal}", f"ray.address={open_cluster['gcs']}",
-                f"serve.port={_free_port()}", "serve.replica_resources={CPU: 0.5}"], env=open_cluster["env"], cwd=REPO, timeout=300)
+                f"serve.port={free_port()}", "serve.replica_resources={CPU: 0.5}"], env=open_cluster["env"], cwd=REPO, timeout=300)
     assert done.returncode == 0, output(done)
     assert AUTH_OFF in done.stderr and "serving http://" in done.stdout, output(done)

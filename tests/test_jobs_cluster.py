@@ -3,23 +3,16 @@
 import os
 import re
 import shutil
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.subprocesses import output, run, run_ok
+from tests.subprocesses import free_port, output, run, run_ok
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +23,8 @@ def cluster(tmp_path_factory):
     env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     run_ok([BIN / "ray", "get-auth-token", "--generate"], env=env)
-    dashboard = _free_port()
-    run_ok([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
+    dashboard = free_port()
+    run_ok([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}", f"--dashboard-port={dashboard}",
             "--num-cpus=2", "--disable-usage-stats"], env=env, timeout=180)
     yield f"http://127.0.0.1:{dashboard}", env
     run([BIN / "ray", "stop", "--force"], env=env)
@@ -103,7 +96,7 @@ def test_the_pipeline_job_trains_evaluates_deploys_and_answers(cluster, tiny_cau
     saved config, job log or Ray log of the run, and the deployed app insists on it."""
     address, env = cluster
     out = tmp_path / "pipeline"
-    port = _free_port()
+    port = free_port()
     secret = "sk-lorafleet-0123456789-do-not-log"
     config = tmp_path / "with-key.yaml"
     config.write_text((REPO / "configs" / "demo.yaml").read_text() + f"serve:\n  api_key: {secret}\n")

@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,16 +14,11 @@ from ray import serve
 from jobs.config import load_config
 from serve.app import application, deploy
 from tests.serve_fixtures import make_adapter, narrow_llama
+from tests.subprocesses import free_port
 
 pytestmark = pytest.mark.ray
 PROMPT = "first second third"
 KEY = "test-key-123"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +30,7 @@ def app(tmp_path_factory, tiny_causal, tiny_seq2seq):
     make_adapter(tiny_seq2seq, registry / "t5", seed=3, targets=["q", "v"], seq2seq=True)  # another architecture
     make_adapter(str(narrow_llama(root / "narrow-base")), registry / "narrow", seed=5)  # same architecture, another size
     spare = make_adapter(tiny_causal, root / "spare", seed=4)
-    port = _free_port()
+    port = free_port()
     common = [f"model.name={tiny_causal}", "quantization.mode=none", f"serve.port={port}", "serve.replica_resources={CPU: 0.5}",
               "serve.max_tokens_limit=64", "serve.default_max_tokens=8"]
     run = load_config(None, [*common, f"serve.adapters={{a: {root / 'a'}}}", f"serve.adapter_root={registry}", "serve.max_adapters_per_replica=2",

@@ -115,9 +115,8 @@ def pipeline(run: RunConfig) -> PipelineOutcome:
     eval_dir = fitted.adapter.parent / "eval"
     evaluated = run_eval(fitted.run, fitted.adapter, True, eval_dir)
     source = str(fitted.adapter.resolve())
-    if (
-        fitted.published
-    ):  # the eval report joins the published outputs; replicas on other nodes load the adapter from there
+    # The eval report joins the published outputs; replicas on other nodes load the adapter from there.
+    if fitted.published:
         root = fitted.report.parent
         storage.upload(eval_dir, f"{fitted.published}/{eval_dir.relative_to(root).as_posix()}")
         source = f"{fitted.published}/{fitted.adapter.relative_to(root).as_posix()}"
@@ -142,7 +141,8 @@ def pipeline(run: RunConfig) -> PipelineOutcome:
 
 def smoke_summary(smoke: dict, name: str) -> str:
     return (
-        f"smoke request ({smoke['route']}, model {name!r}):\n  prompt:    {smoke['prompt'][:300]!r}\n  answer:    "
-        f"{smoke['answer']!r}\n"
+        f"smoke request ({smoke['route']}, model {name!r}):\n"
+        f"  prompt:    {smoke['prompt'][:300]!r}\n"
+        f"  answer:    {smoke['answer']!r}\n"
         f"  reference: {smoke['references'][0]!r}"
     )
