@@ -7,6 +7,7 @@ subfolder that Ray's report callback writes; `install` copies one into place ato
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -65,3 +66,37 @@ def install(hf_checkpoint: Path, adapter_dir: Path) -> None:
 def install_from_checkpoint(ray_checkpoint: Path, adapter_dir: Path) -> None:
     """The adapter of a Ray Train checkpoint folder (local) to `adapter_dir`."""
     install(ray_checkpoint / IN_CHECKPOINT, adapter_dir)
+
+
+EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "shared", "embed_in", "embed_out")
+
+
+def vllm_problems(folder: Path, max_rank: int) -> list[str]:
+    """What keeps vLLM from loading this adapter, each with what to retrain (empty: loadable).
+
+    vLLM's LoRA serves low-rank matrices on linear layers only, up to its max_lora_rank.
+    """
+    cfg = json.loads((folder / CONFIG).read_text())
+    found = []
+    if cfg.get("modules_to_save"):
+        found.append(
+            f"it fully trains modules_to_save {cfg['modules_to_save']}, which vLLM cannot serve; "
+            "retrain without modules_to_save"
+        )
+    if cfg.get("use_dora"):
+        found.append("it is a DoRA adapter (use_dora), which vLLM cannot serve; retrain it as plain LoRA")
+    targets = cfg.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    embedded = sorted({m for m in targets if m.split(".")[-1] in EMBEDDING_MODULES})
+    if embedded:
+        found.append(
+            f"it adapts the embeddings / output head {embedded}, which vLLM's LoRA cannot; "
+            "retrain with lora.target_modules without them"
+        )
+    rank = max([int(cfg.get("r", 0)), *(int(r) for r in (cfg.get("rank_pattern") or {}).values())])
+    if rank > max_rank:
+        found.append(
+            f"its rank r={rank} is above the engine's maximum {max_rank}: raise serve.vllm_max_lora_rank, "
+            f"or retrain with lora.r <= {max_rank}"
+        )
+    return found

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 from jobs import storage
 from jobs.adapter import CONFIG, WEIGHTS, is_adapter_folder
 from jobs.config import ADAPTER_NAME, ServeSection
@@ -17,6 +19,10 @@ from jobs.config import ADAPTER_NAME, ServeSection
 
 class UnknownAdapter(LookupError):
     """The requested adapter is not servable; the message says why and what is available."""
+
+
+class AdapterLoadError(ValueError):
+    """An adapter folder exists but does not fit this base model or this engine (a 400 model_not_loadable)."""
 
 
 def exists(path: str) -> bool:
@@ -65,3 +71,28 @@ def names(cfg: ServeSection) -> list[str]:
             if ADAPTER_NAME.match(p.name) and p.name not in found and _in_root(root, p.name)
         )
     return found
+
+
+def check_fits(model, name: str, folder: Path) -> None:
+    """AdapterLoadError unless every LoRA matrix of the adapter fits a module of this base."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for key, tensor in load_file(folder / WEIGHTS).items():
+        side = "A" if ".lora_A." in key else "B" if ".lora_B." in key else None
+        if side is None:
+            continue
+        path = key.split(f".lora_{side}.")[0].removeprefix("base_model.model.")
+        try:
+            module = base.get_submodule(path)
+        except AttributeError:
+            raise AdapterLoadError(
+                f"adapter {name!r} ({folder}) adapts {path}, which this base model does not have: it was trained on "
+                "another architecture"
+            ) from None
+        module = getattr(module, "base_layer", module)  # already wrapped for another adapter
+        expected = getattr(module, "in_features" if side == "A" else "out_features", None)
+        actual = tensor.shape[1] if side == "A" else tensor.shape[0]
+        if expected is not None and expected != actual:
+            raise AdapterLoadError(
+                f"adapter {name!r} ({folder}) has {actual} features where {path} has {expected}: it was trained on "
+                "another model size"
+            )

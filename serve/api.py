@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import os
+import time
 from dataclasses import asdict
 
 from fastapi import FastAPI, Request
@@ -26,11 +27,13 @@ from jobs.config import RunConfig
 from jobs.model import model_config
 from jobs.prompting import Prompting
 from serve import adapters, protocol
-from serve.engine import AdapterLoadError
-from serve.generation import GenRequest
+from serve import metrics as gateway_metrics
+from serve.adapters import AdapterLoadError
+from serve.generation import GenRequest, Rejected
 
 log = logging.getLogger("ray.serve")
 MAX_BODY_BYTES = 2 * 1024**2
+ROUTES = "/v1/completions, /v1/chat/completions, /v1/models, /metrics, /healthz"
 FALLBACK_CONTEXT = 2048  # models that state no context size (T5's relative positions)
 
 api = FastAPI(title="lorafleet", description="OpenAI-compatible completions over a base model and its LoRA adapters.")
@@ -56,20 +59,23 @@ def _error_response(body: dict, status: int) -> Response:
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> Response:
+    gateway_metrics.count_refused(exc.status)
     return _error_response(exc.body, exc.status)
 
 
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     hint = {
-        404: f"no route {request.url.path}; routes: /v1/completions, /v1/chat/completions, /v1/models, /healthz",
+        404: f"no route {request.url.path}; routes: {ROUTES}",
         405: f"{request.method} is not allowed on {request.url.path}",
     }.get(exc.status_code, str(exc.detail))
+    gateway_metrics.count_refused(exc.status_code)
     return _error_response(protocol.error_body(hint, "invalid_request_error"), exc.status_code)
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    gateway_metrics.count_refused(400)
     return _error_response(protocol.error_body(_describe(exc.errors())), 400)
 
 
@@ -96,9 +102,10 @@ def context_length(run: RunConfig, tokenizer) -> int:
 @serve.deployment
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, engine: DeploymentHandle, run: dict, api_key: str | None = None):  # noqa: D107
+    def __init__(self, engine: DeploymentHandle, run: dict, engine_name: str, api_key: str | None = None):
         run = RunConfig.model_validate(run)
         self.engine, self.cfg = engine, run.serve
+        self.metrics = gateway_metrics.start(engine_name)
         self.prompting = Prompting.load(run.model)
         self.context = context_length(run, self.prompting.tokenizer)
         self.base_name = base_model_name(run)
@@ -109,6 +116,11 @@ class Gateway:
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
+
+    @api.get("/metrics")
+    async def metrics(self, request: Request) -> Response:
+        self._authorize(request)
+        return Response(self.metrics.exposition(), media_type=self.metrics.content_type)
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
@@ -222,12 +234,24 @@ class Gateway:
         return max_tokens
 
     async def _answer(self, body: protocol.Sampling, prompt_ids: list[int], chat: bool):
+        arrived = time.perf_counter()
         adapter = self._adapter(body.model)
         if not prompt_ids:
             raise ApiError(400, "the prompt encodes to no tokens; send some text", param="prompt")
         max_tokens = self._limits(body, len(prompt_ids))
         gen = asdict(
-            GenRequest(prompt_ids, max_tokens, adapter, body.temperature, body.top_p, body.stop or [], body.seed)
+            GenRequest(
+                prompt_ids,
+                max_tokens,
+                adapter,
+                body.temperature,
+                body.top_p,
+                body.stop or [],
+                body.seed,
+                body.n,
+                body.top_logprobs_wanted(),
+                body.structured(),
+            )
         )
         await self._enter()
         try:
@@ -236,7 +260,7 @@ class Gateway:
                     lambda: self._open_stream(gen, adapter)
                 )  # adapter errors still become a 4xx here
                 return StreamingResponse(
-                    self._events(stream, first, body.model, chat),
+                    self._events(stream, first, body, len(prompt_ids), chat, arrived),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache"},
                 )
@@ -245,11 +269,14 @@ class Gateway:
             )
         except BaseException:
             self._leave()
+            self.metrics.failed(body.model)
             raise
         self._leave()
-        return protocol.completion(
-            body.model, result["text"], result["finish"], len(prompt_ids), result["completion_tokens"], chat
-        )
+        total = time.perf_counter() - arrived
+        tokens = sum(c["completion_tokens"] for c in result["choices"])
+        first_token_s = total - result["engine_s"] + result["first_token_s"]  # the gateway's part + the engine's
+        self.metrics.answered(body.model, len(prompt_ids), tokens, first_token_s, total)
+        return protocol.completion(body.model, result["choices"], len(prompt_ids), chat)
 
     async def _open_stream(self, gen: dict, adapter: str | None):
         stream = self.engine.options(stream=True, multiplexed_model_id=adapter or "").stream.remote(gen)
@@ -280,21 +307,37 @@ class Gateway:
             raise ApiError(404, str(exc), param="model", code="model_not_found") from None
         except AdapterLoadError as exc:
             raise ApiError(400, str(exc), param="model", code="model_not_loadable") from None
+        except Rejected as exc:
+            raise ApiError(400, str(exc)) from None
 
-    async def _events(self, stream, first, model: str, chat: bool):
+    async def _events(self, stream, first, body: protocol.Sampling, prompt_tokens: int, chat: bool, arrived: float):
         stream_id = protocol.new_id("chatcmpl" if chat else "cmpl")
+        with_usage = body.include_usage()
+        opened: set[int] = set()
+        tokens: dict[int, int] = {}
+        offsets: dict[int, int] = {}
+        first_token_s = time.perf_counter() - arrived
         try:
-            delta, opening = first, True
+            delta = first
             while True:
-                yield protocol.chunk(stream_id, model, delta.text, delta.finish, chat, first=opening)
-                opening = False
-                if delta.finish:
+                offset = offsets.get(delta.index, 0)
+                yield protocol.chunk(
+                    stream_id, body.model, delta, chat, delta.index not in opened, with_usage, text_offset=offset
+                )
+                opened.add(delta.index)
+                offsets[delta.index] = offset + sum(len(e["token"]) for e in delta.logprobs or [])
+                tokens[delta.index] = delta.completion_tokens or tokens.get(delta.index, 0)
+                try:
+                    delta = await stream.__anext__()
+                except StopAsyncIteration:
                     break
-                delta = await stream.__anext__()
+            if with_usage:
+                yield protocol.usage_chunk(stream_id, body.model, chat, prompt_tokens, sum(tokens.values()))
             yield protocol.DONE
-        except StopAsyncIteration:
-            yield protocol.DONE
+            total = time.perf_counter() - arrived
+            self.metrics.answered(body.model, prompt_tokens, sum(tokens.values()), first_token_s, total)
         except Exception as exc:  # the status line is sent already: report in-band, as OpenAI does
+            self.metrics.failed(body.model)
             yield protocol.error_event(f"generation failed: {type(exc).__name__}")
         finally:
             self._leave()
@@ -308,7 +351,13 @@ class Gateway:
                 "rate_limit_error",
                 code="too_many_requests",
             )
-        await self.slots.acquire()
+        self.metrics.waiting.inc()
+        try:
+            await self.slots.acquire()
+        finally:
+            self.metrics.waiting.dec()
+        self.metrics.in_flight.inc()
 
     def _leave(self) -> None:
+        self.metrics.in_flight.dec()
         self.slots.release()

@@ -7,6 +7,7 @@ ray job submit --working-dir . -- python -m serve --config configs/squad-smollm2
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -21,8 +22,11 @@ from jobs.config import ConfigError, RunConfig, with_absolute_paths
 from jobs.model import load_tokenizer, model_kind
 from serve import adapters
 from serve.api import Gateway, base_model_name
+from serve.choice import EngineChoice, choose
 from serve.engine import Engine
+from serve.vllm_engine import VllmEngine
 
+log = logging.getLogger("lorafleet.serve")
 IMPORT_PATH = "serve.app:build_app"
 GATEWAY_HEADROOM = 16  # requests past the limit still reach the gateway, which answers them with a 429
 
@@ -49,12 +53,15 @@ def autoscaling(run: RunConfig) -> dict[str, Any]:
     }
 
 
-def application(run: RunConfig) -> Application:
-    """Gateway (HTTP, no model) -> Engine (base + multiplexed adapters), both from the config."""
+def application(run: RunConfig, choice: EngineChoice | None = None) -> Application:
+    """Gateway (HTTP, no model) -> engine (base + multiplexed adapters: HF or vLLM), both from the config."""
     run = with_absolute_paths(run)  # replicas do not run in the user's folder
+    choice = choice or choose(run)
+    log.info("%s", choice.line())
     s = run.serve
     raw = run.model_dump(mode="json")
-    engine = Engine.options(
+    deployment = VllmEngine if choice.name == "vllm" else Engine
+    engine = deployment.options(
         autoscaling_config=autoscaling(run),
         max_ongoing_requests=s.max_ongoing_requests,
         ray_actor_options=_actor_options(s.replica_resources),
@@ -64,7 +71,7 @@ def application(run: RunConfig) -> Application:
         num_replicas=s.api_replicas,
         max_ongoing_requests=s.max_concurrent_requests + GATEWAY_HEADROOM,
         ray_actor_options={"num_cpus": 0},
-    ).bind(engine, raw, api_key)
+    ).bind(engine, raw, choice.name, api_key)
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -72,8 +79,9 @@ def build_app(args: dict[str, Any]) -> Application:
     return application(RunConfig.model_validate(args["config"]))
 
 
-def check(run: RunConfig) -> None:
-    """Fail before Ray starts: the model loads its tokenizer and every named adapter exists."""
+def check(run: RunConfig) -> EngineChoice:
+    """Fail before Ray starts: the model loads its tokenizer, every named adapter exists and the engine can serve
+    the model; returns the engine choice."""
     problems = [
         f"serve.adapters.{name} = {path!r}: no {adapter.CONFIG} + {adapter.WEIGHTS} there; train or sweep first, or "
         "fix the path"
@@ -86,6 +94,7 @@ def check(run: RunConfig) -> None:
         raise ConfigError(problems, "serve")
     model_kind(run.model)
     load_tokenizer(run.model)
+    return choose(run)
 
 
 def serve_config(run: RunConfig) -> str:
@@ -118,10 +127,10 @@ def endpoint(run: RunConfig) -> str:
 
 def deploy(run: RunConfig) -> str:
     """Start Serve (embedded Ray without an address) and deploy; returns the endpoint."""
-    check(run)
+    choice = check(run)
     cluster.connect(run.ray.address)
     serve.start(http_options={"host": run.serve.host, "port": run.serve.port})
-    serve.run(application(run), name=run.serve.name, route_prefix=run.serve.route_prefix)
+    serve.run(application(run, choice), name=run.serve.name, route_prefix=run.serve.route_prefix)
     return endpoint(run)
 
 
@@ -129,7 +138,7 @@ def serving_summary(run: RunConfig, url: str) -> str:
     """What `lorafleet serve` prints once the app is up: where, which models, a request to try."""
     models = ", ".join([base_model_name(run), *adapters.names(run.serve)])
     key = " -H 'Authorization: Bearer $KEY'" if run.serve.bearer_token() else ""
-    return f"serving {url}  models: {models}\ntry: curl {url}/models{key}"
+    return f"serving {url}  models: {models}\n{choose(run).line()}\ntry: curl {url}/models{key}"
 
 
 def embedded(run: RunConfig) -> bool:

@@ -16,27 +16,32 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 from ray import serve
-from safetensors.torch import load_file
 
-from jobs import adapter
 from jobs.config import RunConfig
 from jobs.model import load_base
 from jobs.prompting import Prompting
 from serve import adapters
-from serve.generation import Delta, GenRequest, Progress, eos_token_ids, generate_kwargs
+from serve.adapters import AdapterLoadError, check_fits
+from serve.generation import (
+    Delta,
+    GenRequest,
+    LogprobCapture,
+    Progress,
+    collect,
+    eos_token_ids,
+    generate_kwargs,
+    merged,
+)
+from serve.grammar import Grammars
 
 log = logging.getLogger("ray.serve")
 _END = object()
-
-
-class AdapterLoadError(ValueError):
-    """An adapter folder exists but does not fit this base model."""
 
 
 def serving_run(run: RunConfig) -> RunConfig:
@@ -44,31 +49,6 @@ def serving_run(run: RunConfig) -> RunConfig:
     if run.serve.quantization == "as_trained":
         return run
     return run.model_copy(update={"quantization": run.quantization.model_copy(update={"mode": run.serve.quantization})})
-
-
-def check_fits(model, name: str, folder: Path) -> None:
-    """AdapterLoadError unless every LoRA matrix of the adapter fits a module of this base."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    for key, tensor in load_file(folder / adapter.WEIGHTS).items():
-        side = "A" if ".lora_A." in key else "B" if ".lora_B." in key else None
-        if side is None:
-            continue
-        path = key.split(f".lora_{side}.")[0].removeprefix("base_model.model.")
-        try:
-            module = base.get_submodule(path)
-        except AttributeError:
-            raise AdapterLoadError(
-                f"adapter {name!r} ({folder}) adapts {path}, which this base model does not have: it was trained on "
-                "another architecture"
-            ) from None
-        module = getattr(module, "base_layer", module)  # already wrapped for another adapter
-        expected = getattr(module, "in_features" if side == "A" else "out_features", None)
-        actual = tensor.shape[1] if side == "A" else tensor.shape[0]
-        if expected is not None and expected != actual:
-            raise AdapterLoadError(
-                f"adapter {name!r} ({folder}) has {actual} features where {path} has {expected}: it was trained on "
-                "another model size"
-            )
 
 
 class LoadedAdapter:
@@ -95,6 +75,7 @@ class Engine:
         self.prompting = Prompting.load(run.model)
         self.model = load_base(serving_run(run), self.device, self.prompting.kind).eval()
         self.eos = eos_token_ids(self.model, self.prompting.tokenizer)
+        self.grammars = Grammars(self.prompting.tokenizer, self.model.config.vocab_size)
         self.lock = threading.Lock()
 
         async def load(name: str) -> LoadedAdapter:  # a plain function: Serve keeps its LRU cache on it
@@ -151,21 +132,20 @@ class Engine:
         log.info("adapter %r unloaded", name)
 
     async def stream(self, request: dict) -> AsyncIterator[Delta]:
-        """New text of one request as it is generated; the last Delta carries finish_reason."""
+        """New text of one request's choices as it is generated; a choice's last Delta carries finish_reason."""
         req = GenRequest(**request)
         if req.adapter:
             await self.adapter(req.adapter)
-        async for delta in self.generate_batch(req):
+        # n choices are n rows of the same batch (one sampling key, so one generate call)
+        rows = [self.generate_batch(replace(req, n=1)) for _ in range(req.n)]
+        async for index, delta in merged(rows):
             if delta is not None:
+                delta.index = index
                 yield delta
 
     async def complete(self, request: dict) -> dict:
         """The whole answer at once (no per-token messages between replicas)."""
-        parts, last = [], Delta("")
-        async for delta in self.stream(request):
-            parts.append(delta.text)
-            last = delta
-        return {**asdict(last), "text": "".join(parts)}
+        return await collect(self.stream(request))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)  # replaced from the config in __init__
     async def generate_batch(self, requests: list[GenRequest]) -> AsyncIterator[list]:
@@ -193,7 +173,8 @@ class Engine:
         def put(item) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        progress = Progress(group, self.prompting.tokenizer, self.eos, put)
+        capture = LogprobCapture() if any(r.logprobs is not None for r in group) else None
+        progress = Progress(group, self.prompting.tokenizer, self.eos, put, capture)
 
         def work() -> None:
             try:
@@ -201,8 +182,11 @@ class Engine:
                     self._ensure_adapters(group)
                     if group[0].seed is not None:
                         torch.manual_seed(group[0].seed)
+                    fmt = group[0].response_format  # part of the sampling key: one per group
+                    grammar = self.grammars.mask(fmt, progress.finished) if fmt else None
                     with self._single_adapter(group) as mixed, torch.inference_mode():
-                        self.model.generate(**generate_kwargs(group, self.prompting, self.device, progress, mixed))
+                        kwargs = generate_kwargs(group, self.prompting, self.device, progress, mixed, grammar)
+                        self.model.generate(**kwargs)
                 put(progress.close())
                 put(_END)
             except Exception as exc:  # delivered to every request of the group

@@ -12,9 +12,13 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serve.grammar import check_schema
 
 MAX_STOP = 4  # as OpenAI
+MAX_N = 16  # choices per request (OpenAI allows 128; each is a full generation here)
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API
 
 
 def _utf8(text: str) -> str:
@@ -25,6 +29,39 @@ def _utf8(text: str) -> str:
             "contains an unpaired UTF-16 surrogate (e.g. \\ud800), which is not text; send valid Unicode"
         ) from None
     return text
+
+
+class JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field("response", max_length=64, description="The schema's name (OpenAI requires one).")
+    schema_: dict[str, Any] = Field(alias="schema", description="The JSON schema the answer follows.")
+    strict: bool | None = Field(None, description="Accepted; answers always follow the schema.")
+
+    @field_validator("schema_")
+    @classmethod
+    def _compiles(cls, value):
+        check_schema(value)
+        return value
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs json_schema: {name: ..., schema: {...}}")
+        return self
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
 
 
 class Sampling(BaseModel):
@@ -39,11 +76,29 @@ class Sampling(BaseModel):
         None, description="Up to 4 strings that end the generation (cut from the output)."
     )
     stream: bool = Field(False, description="Answer as server-sent events.")
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request is generated.")
+    n: int = Field(1, ge=1, le=MAX_N, description=f"Choices to generate (1 to {MAX_N}).")
     seed: int | None = Field(None, description="Seed for sampling; the same seed repeats a sampled answer.")
     user: str | None = Field(
         None, max_length=256, description="End-user id (logged by nobody, accepted for compatibility)."
     )
+    response_format: ResponseFormat | None = Field(
+        None, description="{type: json_object} or {type: json_schema, json_schema: {name, schema}}: the answer is JSON."
+    )
+    stream_options: StreamOptions | None = Field(None, description="With stream: {include_usage: true} adds usage.")
+
+    def structured(self) -> dict | None:
+        """The response format as the engines take it (None: free text)."""
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        return (
+            {"type": "json_object"}
+            if fmt.type == "json_object"
+            else {"type": "json_schema", "schema": fmt.json_schema.schema_}
+        )
+
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     @field_validator("stop")
     @classmethod
@@ -60,7 +115,12 @@ class CompletionRequest(Sampling):
     prompt: str | list[str] = Field(description="The text to continue (one prompt per request).")
     echo: bool = Field(False, description="Not supported: must be false.")
     best_of: int = Field(1, ge=1, le=1, description="Not supported: must be 1.")
-    logprobs: int | None = Field(None, le=0, description="Not supported: must be null.")
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="Log probabilities of the chosen and up to 5 likeliest tokens."
+    )
+
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -92,7 +152,19 @@ class Message(BaseModel):
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1, max_length=256, description="The conversation so far.")
-    logprobs: bool = Field(False, description="Not supported: must be false.")
+    logprobs: bool = Field(False, description="Return the chosen tokens' log probabilities.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: also the likeliest tokens at each position."
+    )
+
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     @field_validator("messages")
     @classmethod
@@ -120,41 +192,113 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def completion(model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int, chat: bool) -> dict:
-    if chat:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish,
-            "logprobs": None,
+def _token_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8", errors="replace"))
+
+
+def chat_logprobs(entries: list[dict] | None) -> dict | None:
+    if entries is None:
+        return None
+    content = [
+        {
+            "token": e["token"],
+            "logprob": e["logprob"],
+            "bytes": _token_bytes(e["token"]),
+            "top_logprobs": [{"token": t, "logprob": p, "bytes": _token_bytes(t)} for t, p in e["top"]],
         }
+        for e in entries
+    ]
+    return {"content": content, "refusal": None}
+
+
+def text_logprobs(entries: list[dict] | None, offset: int = 0) -> dict | None:
+    if entries is None:
+        return None
+    offsets, at = [], offset
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [dict(e["top"]) for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def completion(model: str, choices: list[dict], prompt_tokens: int, chat: bool) -> dict:
+    """A whole answer; `choices` as the engines' `complete` returns them."""
+    if chat:
+        out = [
+            {
+                "index": c["index"],
+                "message": {"role": "assistant", "content": c["text"]},
+                "finish_reason": c["finish"],
+                "logprobs": chat_logprobs(c["logprobs"]),
+            }
+            for c in choices
+        ]
         kind, prefix = "chat.completion", "chatcmpl"
     else:
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        out = [
+            {
+                "index": c["index"],
+                "text": c["text"],
+                "finish_reason": c["finish"],
+                "logprobs": text_logprobs(c["logprobs"]),
+            }
+            for c in choices
+        ]
         kind, prefix = "text_completion", "cmpl"
     return {
         "id": new_id(prefix),
         "object": kind,
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "choices": out,
+        "usage": usage(prompt_tokens, sum(c["completion_tokens"] for c in choices)),
     }
 
 
-def chunk(stream_id: str, model: str, text: str, finish: str | None, chat: bool, first: bool = False) -> str:
-    """One server-sent event of a streamed answer."""
-    body = {"id": stream_id, "created": int(time.time()), "model": model}
+def chunk(
+    stream_id: str,
+    model: str,
+    delta,
+    chat: bool,
+    first: bool = False,
+    with_usage: bool = False,
+    text_offset: int = 0,
+) -> str:
+    """One server-sent event of a streamed answer; `delta` is an engine's Delta."""
+    body: dict[str, Any] = {"id": stream_id, "created": int(time.time()), "model": model}
+    text, finish, index = delta.text, delta.finish, delta.index
     if chat:
-        delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        body.update(
-            object="chat.completion.chunk",
-            choices=[{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-        )
+        message = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        choice = {"index": index, "delta": message, "finish_reason": finish, "logprobs": chat_logprobs(delta.logprobs)}
+        body.update(object="chat.completion.chunk", choices=[choice])
     else:
-        body.update(
-            object="text_completion", choices=[{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]
-        )
+        choice = {
+            "index": index,
+            "text": text,
+            "finish_reason": finish,
+            "logprobs": text_logprobs(delta.logprobs, text_offset),
+        }
+        body.update(object="text_completion", choices=[choice])
+    if with_usage:
+        body["usage"] = None  # as OpenAI: every chunk has the key, only the last one a value
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def usage_chunk(stream_id: str, model: str, chat: bool, prompt_tokens: int, completion_tokens: int) -> str:
+    """The extra last event of stream_options.include_usage: no choices, the request's usage."""
+    body = {
+        "id": stream_id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
     return f"data: {json.dumps(body)}\n\n"
 
 

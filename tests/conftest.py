@@ -30,6 +30,12 @@ def tiny_causal(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_causal_vllm(tmp_path_factory) -> str:
+    """The tiny Llama with attention heads of 32 (vLLM's CPU attention has no head size 16)."""
+    return str(tiny_models.build("causal", tmp_path_factory.mktemp("tiny-llama-32"), head_dim=32))
+
+
+@pytest.fixture(scope="session")
 def tiny_seq2seq(tmp_path_factory) -> str:
     return str(tiny_models.build("seq2seq", tmp_path_factory.mktemp("tiny-t5")))
 

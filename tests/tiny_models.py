@@ -37,8 +37,11 @@ def build_tokenizer(kind: str) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build(kind: str, folder: Path) -> Path:
-    """Save a tiny random model + tokenizer to `folder` (seeded, so every build is identical)."""
+def build(kind: str, folder: Path, head_dim: int | None = None) -> Path:
+    """Save a tiny random model + tokenizer to `folder` (seeded, so every build is identical).
+
+    `head_dim` (Llama only): vLLM's CPU attention takes 32, 64, 80, ... but not the default 16.
+    """
     torch.manual_seed(0)
     tokenizer = build_tokenizer(kind)
     vocab = len(tokenizer)
@@ -50,7 +53,7 @@ def build(kind: str, folder: Path) -> Path:
             model.shared.weight[tokenizer.pad_token_id].zero_()
     else:
         config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+                             max_position_embeddings=512, head_dim=head_dim or 16, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
         model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

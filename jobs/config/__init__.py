@@ -7,7 +7,7 @@ rules), `loading` (YAML, overrides, error translation, saving), `errors`, and th
 dotted `keys` they share. Import from here.
 """
 
-from jobs.config.errors import ConfigError
+from jobs.config.errors import ConfigError, problem
 from jobs.config.keys import set_dotted
 from jobs.config.loading import apply_overrides, dump_config, load_config, validate, with_absolute_paths
 from jobs.config.names import ADAPTER_NAME, PACKAGED_MODELS, TARGET_SETS, TASK_METRIC_NAMES
@@ -32,6 +32,7 @@ __all__ = [
     "TARGET_SETS",
     "TASK_METRIC_NAMES",
     "ConfigError",
+    "problem",
     "DataConfig",
     "EvalConfig",
     "LoraConfig",

@@ -180,6 +180,13 @@ def _rule_serve_token_limits(cfg: RunConfig) -> str | None:
     return None
 
 
+def _rule_serve_vllm_precision(cfg: RunConfig) -> str | None:
+    s = cfg.serve
+    if s.engine == "vllm" and s.quantization in ("4bit", "8bit"):
+        return problem("serve.quantization", s.quantization, "serve.engine=vllm serves the base unquantized (bf16) with the adapter on top; set serve.quantization=none, or serve.engine=hf for a bitsandbytes base")
+    return None
+
+
 def _rule_serve_batches_can_fill(cfg: RunConfig) -> str | None:
     s = cfg.serve
     if s.max_ongoing_requests < s.max_batch_size:
@@ -219,6 +226,7 @@ CROSS_FIELD_RULES = (
     _rule_serve_replicas,
     _rule_serve_token_limits,
     _rule_serve_batches_can_fill,
+    _rule_serve_vllm_precision,
     _rule_zero3_with_kbit,
     _rule_deepspeed_usable,
     _rule_deepspeed_agrees_with_training,
