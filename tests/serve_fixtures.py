@@ -9,10 +9,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, LlamaConfig, LlamaForCausalLM
 
 
-def make_adapter(base: str, folder: Path, seed: int, targets: list[str] | str = "all-linear", seq2seq: bool = False) -> Path:
+def make_adapter(base: str, folder: Path, seed: int, targets: list[str] | str = "all-linear", seq2seq: bool = False, rank: int = 4) -> Path:
     torch.manual_seed(seed)
     model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(base)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False, task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM")
     get_peft_model(model, config).save_pretrained(folder)
     return folder
 

@@ -32,6 +32,7 @@ def app(request, tmp_path_factory, tiny_causal, tiny_causal_vllm, tiny_seq2seq):
     make_adapter(tiny_causal, registry / "b", seed=2)
     make_adapter(tiny_seq2seq, registry / "t5", seed=3, targets=["q", "v"], seq2seq=True)  # another architecture
     make_adapter(str(narrow_llama(root / "narrow-base")), registry / "narrow", seed=5)  # same architecture, another size
+    make_adapter(tiny_causal, registry / "wide", seed=6, rank=16)  # above serve.vllm_max_lora_rank=8
     spare = make_adapter(tiny_causal, root / "spare", seed=4)
     port = free_port()
     common = [f"model.name={tiny_causal}", "quantization.mode=none", f"serve.port={port}", "serve.replica_resources={CPU: 0.5}",
@@ -72,7 +73,7 @@ def _events(response) -> list:
 def test_health_and_models(app, http):
     assert httpx.get(f"http://localhost:{app['port']}/healthz").json() == {"status": "ok"}
     ids = [m["id"] for m in http.get("/models").json()["data"]]
-    assert ids == [app["base"], "a", "b", "narrow", "t5"]  # the base, the named adapter, then the registry's
+    assert ids == [app["base"], "a", "b", "narrow", "t5", "wide"]  # the base, the named adapter, then the registry's
 
 
 def test_completion_and_chat_follow_the_openai_format(http):
@@ -232,6 +233,16 @@ def test_an_adapter_for_another_model_is_a_400_and_leaves_the_replica_as_it_was(
         response = http.post("/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 4})
         assert response.status_code == 400 and response.json()["error"]["code"] == "model_not_loadable", response.text
     assert {m: _complete(http, m)["choices"][0]["text"] for m in [base, "a"]} == before
+
+
+def test_an_adapter_above_vllms_rank_limit_is_a_400_naming_the_rank_and_the_hf_engine_serves_it(app, http):
+    response = http.post("/completions", json={"model": "wide", "prompt": PROMPT, "max_tokens": 4})
+    if app["engine"] == "hf":
+        assert response.status_code == 200, response.text
+        return
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "model_not_loadable", response.text
+    assert "rank r=16 is above the engine's maximum 8" in error["message"] and "serve.vllm_max_lora_rank" in error["message"]
 
 
 def test_a_new_registry_folder_is_served_without_redeploying_and_lru_eviction_keeps_answers(app, http):

@@ -1,5 +1,6 @@
 """Unit tier for serving: adapter registry, request checks, token streaming, the Serve config file."""
 
+import json
 import os
 import shutil
 
@@ -12,7 +13,10 @@ from jobs.cli import app as cli
 from jobs.config import ConfigError, load_config
 from serve import adapters, protocol
 from serve.app import application, build_app, serve_config
+from jobs.adapter import vllm_problems
+from serve.choice import EngineChoice, choose
 from serve.generation import GenRequest, Progress
+from serve.vllm_engine import zero_adapter
 from tests import tiny_models
 from tests.serve_fixtures import make_adapter
 
@@ -152,3 +156,48 @@ def test_cli_build_prints_the_config_and_refuses_missing_adapters(tiny_causal, t
     missing = runner.invoke(cli, ["serve", f"model.name={tiny_causal}", f"serve.adapters.squad={tmp_path / 'nope'}", "--build"])
     assert missing.exit_code == 2
     assert "serve.adapters.squad" in missing.output and "train or sweep first" in missing.output
+
+
+def test_the_engine_choice_and_its_reason(tiny_causal, tiny_seq2seq):
+    def chosen(model, *overrides):
+        return choose(load_config(None, [f"model.name={model}", "quantization.mode=none", *overrides]))
+
+    assert chosen(tiny_causal).name == "hf" and "CPU replicas" in chosen(tiny_causal).reason
+    assert chosen(tiny_causal, "serve.replica_resources={CPU: 1, GPU: 1}") == EngineChoice("vllm", "auto: GPU replicas and a causal model vLLM implements")
+    assert "encoder-decoder" in chosen(tiny_seq2seq, "serve.replica_resources={GPU: 1}").reason
+    assert chosen(tiny_causal, "serve.replica_resources={GPU: 1}", "serve.quantization=4bit").name == "hf"
+    assert chosen(tiny_causal, "serve.engine=vllm") == EngineChoice("vllm", "serve.engine: vllm")  # on CPU too, when asked
+    assert chosen(tiny_causal, "serve.engine=hf", "serve.replica_resources={GPU: 1}").name == "hf"
+    with pytest.raises(ConfigError) as refused:
+        chosen(tiny_seq2seq, "serve.engine=vllm")
+    assert "serve.engine = 'vllm'" in str(refused.value) and "encoder-decoder" in str(refused.value) and "serve.engine: hf" in str(refused.value)
+
+
+def test_vllm_with_a_bitsandbytes_base_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"serve.quantization = '4bit'.*serve.quantization=none"):
+        load_config(None, ["serve.engine=vllm", "serve.quantization=4bit"])
+
+
+def test_adapters_vllm_cannot_load_are_named_with_what_to_retrain(tmp_path, tiny_causal):
+    plain = make_adapter(tiny_causal, tmp_path / "plain", seed=1)
+    assert vllm_problems(plain, max_rank=8) == []
+    assert vllm_problems(plain, max_rank=2)[0].startswith("its rank r=4 is above the engine's maximum 2: raise serve.vllm_max_lora_rank")
+    config = json.loads((plain / adapters.CONFIG).read_text())
+    odd = tmp_path / "odd"
+    shutil.copytree(plain, odd)
+    (odd / adapters.CONFIG).write_text(json.dumps({**config, "modules_to_save": ["lm_head"], "use_dora": True, "target_modules": ["q_proj", "embed_tokens"]}))
+    found = " | ".join(vllm_problems(odd, max_rank=8))
+    assert "modules_to_save ['lm_head']" in found and "DoRA" in found and "['embed_tokens']" in found
+
+
+def test_the_zero_adapter_covers_every_linear_layer_with_zeros(tmp_path, tiny_causal_vllm):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        shape = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_causal_vllm))
+    folder = zero_adapter(shape, tmp_path / "zero")
+    weights = load_file(folder / adapters.WEIGHTS)
+    assert len(weights) == 2 * 7 * 2 and all(not t.any() for t in weights.values())  # 7 projections x 2 layers, A and B
+    assert json.loads((folder / adapters.CONFIG).read_text())["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
