@@ -1,6 +1,6 @@
 """Serve under faults: one model replica killed while clients keep the app busy.
 
-    python bench/serve_faults.py [--clients 6] [--seconds 60] [--kill-at 15] [--max-tokens 16] [--retries 2,0]
+    python bench/serve_faults.py [--clients 6] [--seconds 60] [--kill-at 15] [--max-tokens 16] [--retries 2,0] [--engine hf|vllm]
 
 Two Engine replicas of SmolLM2-135M-Instruct (one CPU each: all this 2-core machine has) behind
 the gateway; N clients send completions without pause. At --kill-at seconds one Engine replica
@@ -29,13 +29,14 @@ from serve_load import replica_count  # bench/ is this script's folder
 
 PROMPT = "Write a long story about a robot who learns to paint."
 APP = "faults"
+DEPLOYMENTS = {"hf": "Engine", "vllm": "VllmEngine"}
 
 
-def kill_one_engine_replica() -> str:
+def kill_one_engine_replica(deployment: str) -> str:
     import ray
     from ray.util.state import list_actors
 
-    victim = next(a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == f"ServeReplica:{APP}:Engine")
+    victim = next(a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == f"ServeReplica:{APP}:{deployment}")
     ray.kill(ray.get_actor(victim.name, namespace="serve"), no_restart=True)
     return victim.name
 
@@ -47,9 +48,11 @@ def run_phase(retries: int, args) -> dict:
     from serve.app import deploy
 
     run = load_config(None, ["quantization.mode=none", f"serve.name={APP}", "serve.min_replicas=2", "serve.max_replicas=2", "serve.replica_resources={CPU: 1}",
-                             "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.05", f"serve.replica_loss_retries={retries}", f"serve.port={args.port}"])
+                             "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.05", f"serve.replica_loss_retries={retries}", f"serve.port={args.port}",
+                             f"serve.engine={args.engine}", "serve.vllm_kv_cache_gib=1"])
+    deployment = DEPLOYMENTS[args.engine]
     url = deploy(run)
-    while replica_count(APP) < 2:
+    while replica_count(APP, deployment) < 2:
         time.sleep(0.5)
     results, stop = [], threading.Event()
     body = {"model": "smollm2-135m-instruct", "prompt": PROMPT, "max_tokens": args.max_tokens, "temperature": 0}
@@ -69,10 +72,10 @@ def run_phase(retries: int, args) -> dict:
     for thread in threads:
         thread.start()
     time.sleep(args.kill_at)
-    killed_at, victim = time.time(), kill_one_engine_replica()
-    while replica_count(APP) >= 2 and time.time() - killed_at < 60:  # Serve notices the loss ...
+    killed_at, victim = time.time(), kill_one_engine_replica(deployment)
+    while replica_count(APP, deployment) >= 2 and time.time() - killed_at < 60:  # Serve notices the loss ...
         time.sleep(0.2)
-    while replica_count(APP) < 2 and time.time() - killed_at < 300:  # ... and runs a replacement
+    while replica_count(APP, deployment) < 2 and time.time() - killed_at < 300:  # ... and runs a replacement
         time.sleep(0.2)
     recovered_s = time.time() - killed_at
     time.sleep(max(0.0, start + args.seconds - time.time()))
@@ -97,6 +100,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--retries", default="2,0", help="serve.replica_loss_retries values, one run each")
     parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="serve.engine of the app")
     args = parser.parse_args()
 
     import ray
@@ -104,7 +108,7 @@ def main() -> None:
     ray.init(num_cpus=2)
     rows = [run_phase(int(value), args) for value in args.retries.split(",")]
     ray.shutdown()
-    print(f"\nSmolLM2-135M-Instruct, 2 Engine replicas x 1 CPU, {args.clients} clients, {args.max_tokens} tokens per request, "
+    print(f"\nSmolLM2-135M-Instruct, engine {args.engine}, 2 model replicas x 1 CPU, {args.clients} clients, {args.max_tokens} tokens per request, "
           f"{args.seconds:.0f} s of load, one replica killed at {args.kill_at:.0f} s\n")
     print("| serve.replica_loss_retries | requests | failed | failed share | longest gap between answers (s) | recovery to 2 replicas (s) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")

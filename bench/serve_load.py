@@ -286,13 +286,13 @@ def engines_table(r: dict, max_tokens: int) -> None:
 
 # --- autoscaling ramp -----------------------------------------------------------------------
 
-def replica_count(app: str) -> int:
+def replica_count(app: str, deployment: str = "Engine") -> int:
     from ray import serve
 
     status = serve.status().applications.get(app)
-    if status is None:
+    if status is None or deployment not in status.deployments:
         return 0
-    return int(status.deployments["Engine"].replica_states.get("RUNNING", 0))
+    return int(status.deployments[deployment].replica_states.get("RUNNING", 0))
 
 
 def ramp(url: str, app: str, model: str, max_tokens: int, phases: list[tuple[int, float]]) -> list[dict]:

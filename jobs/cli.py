@@ -303,6 +303,7 @@ def jobs_stop(job_id: str, address: AddressOption = None) -> None:
 
 def run_stage(stage: str) -> None:
     """`python -m jobs.<stage> ...` (the `ray job submit` entrypoint) runs the same command."""
+    print(f"lorafleet {stage}: python {sys.executable}", file=sys.stderr, flush=True)  # which environment the job got
     app([stage, *sys.argv[1:]])
 
 

@@ -79,7 +79,7 @@ def test_submit_install_runs_the_job_in_a_pip_runtime_env(cluster, tiny_causal, 
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     venvs = list(Path("/tmp/ray/session_latest/runtime_resources/pip").glob("*/virtualenv/bin/python"))
     assert venvs, "no pip runtime env was built"
-    assert "runtime_resources/pip/" in done.stdout + done.stderr, "the job's workers ran from the pip virtualenv"
+    assert "runtime_resources/pip/" in done.stdout + done.stderr, "the job did not run in the pip virtualenv"  # the entry prints its python
 
 
 def test_a_bad_config_is_refused_before_anything_is_submitted(cluster):
