@@ -9,11 +9,11 @@ import yaml
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from jobs.adapter import vllm_problems
 from jobs.cli import app as cli
 from jobs.config import ConfigError, load_config
 from serve import adapters, protocol
 from serve.app import application, build_app, serve_config
-from jobs.adapter import vllm_problems
 from serve.choice import EngineChoice, choose
 from serve.generation import GenRequest, Progress
 from serve.vllm_engine import zero_adapter
