@@ -1,8 +1,9 @@
 """Which engine generates for a config (`serve.engine`) and why, decided before Ray starts.
 
-`auto` takes vLLM where it is the faster engine: GPU replicas, a causal model vLLM implements,
-an unquantized base. On CPU replicas HF `generate` with PEFT is faster with adapters (README,
-Serving engines: 104 vs 55 tokens/s for one r=8 LoRA here), and only HF runs seq2seq models.
+`auto` takes vLLM on GPU replicas for a causal model vLLM implements with an unquantized base.
+On CPU replicas it keeps HF `generate`: faster for a lone request and for a batch of one adapter
+(104 vs 55 tokens/s bare, one r=8 LoRA, on the 2-core machine), while vLLM serves more under load
+with many adapters (README, Engines, side by side). Only HF runs seq2seq models and 4-bit bases.
 """
 
 from __future__ import annotations
@@ -59,7 +60,11 @@ def choose(run: RunConfig) -> EngineChoice:
             "hf", f"auto: serve.quantization={s.quantization} is a bitsandbytes base, which the HF engine runs"
         )
     if s.replica_resources.get("GPU", 0) <= 0:
-        return EngineChoice("hf", "auto: CPU replicas, where the HF engine is faster with adapters")
+        return EngineChoice(
+            "hf",
+            "auto: CPU replicas; for many concurrent requests or adapters serve.engine: vllm serves more "
+            "(README, Engines, side by side)",
+        )
     why_not = vllm_cannot_serve(run)
     if why_not:
         return EngineChoice("hf", f"auto: {why_not}")
