@@ -173,3 +173,32 @@ def test_a_crash_while_writing_never_leaves_a_half_adapter_where_readers_look(s3
     monkeypatch.undo()
     assert list(cache.iterdir()) == []
     assert adapters.is_adapter_folder(storage.fetch(uri, cache))
+
+
+@pytest.mark.ray
+def test_the_vllm_engine_serves_an_adapter_from_s3_as_from_its_folder(s3, tiny_causal_vllm, tmp_path):
+    import httpx
+    import ray
+    from ray import serve
+
+    from serve.app import deploy
+    from tests.serve_fixtures import make_adapter
+    from tests.subprocesses import free_port
+
+    local = make_adapter(tiny_causal_vllm, tmp_path / "run" / "adapter", seed=1)
+    uri = storage.publish(tmp_path / "run", f"{s3}/runs")
+    run = load_config(None, [f"model.name={tiny_causal_vllm}", "quantization.mode=none", "serve.engine=vllm", "serve.vllm_max_lora_rank=8",
+                             "serve.vllm_kv_cache_gib=0.25", "serve.vllm_dtype=float32", "serve.replica_resources={CPU: 1}", f"serve.port={free_port()}",
+                             f"serve.adapters={{remote: {uri}/adapter, local: {local}}}"])
+    ray.init(num_cpus=2)
+    try:
+        url = deploy(run)
+        answers = {}
+        for model in ("remote", "local"):
+            response = httpx.post(f"{url}/completions", json={"model": model, "prompt": "first second third", "max_tokens": 8, "temperature": 0}, timeout=300)
+            assert response.status_code == 200, response.text
+            answers[model] = response.json()["choices"][0]["text"]
+        assert answers["remote"] == answers["local"] and answers["remote"]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
