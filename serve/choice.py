@@ -59,7 +59,7 @@ def choose(run: RunConfig) -> EngineChoice:
         return EngineChoice(
             "hf", f"auto: serve.quantization={s.quantization} is a bitsandbytes base, which the HF engine runs"
         )
-    if s.replica_resources.get("GPU", 0) <= 0:
+    if not s.on_gpu:
         return EngineChoice(
             "hf",
             "auto: CPU replicas; for many concurrent requests or adapters serve.engine: vllm serves more "

@@ -70,7 +70,7 @@ class Engine:
         self.serve_cfg = run.serve
         cpus = int(run.serve.replica_resources.get("CPU", 1))
         torch.set_num_threads(max(1, cpus))  # one replica per `CPU` share, not every core each
-        use_gpu = run.serve.replica_resources.get("GPU", 0) > 0 and torch.cuda.is_available()
+        use_gpu = run.serve.on_gpu and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.prompting = Prompting.load(run.model)
         self.model = load_base(serving_run(run), self.device, self.prompting.kind).eval()

@@ -47,12 +47,12 @@ def engine_args(run: RunConfig):
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     s = run.serve
-    on_gpu = s.replica_resources.get("GPU", 0) > 0
     memory = (
         {"gpu_memory_utilization": s.vllm_gpu_memory_utilization}
-        if on_gpu
+        if s.on_gpu
         else {"kv_cache_memory_bytes": int(s.vllm_kv_cache_gib * GIB)}  # on CPU vLLM would otherwise reserve 92% of RAM
     )
+    slots = s.max_adapters_per_replica + (0 if s.on_gpu else 1)  # on CPU, one slot for the zero adapter
     return AsyncEngineArgs(
         model=model_path(run.model),
         revision=run.model.revision,
@@ -60,11 +60,11 @@ def engine_args(run: RunConfig):
         dtype=s.vllm_dtype,
         enable_lora=True,
         max_lora_rank=s.vllm_max_lora_rank,
-        max_loras=s.max_adapters_per_replica + (0 if on_gpu else 1),  # on CPU, one slot for the zero adapter
-        max_cpu_loras=s.max_adapters_per_replica + (0 if on_gpu else 1),
+        max_loras=slots,
+        max_cpu_loras=slots,
         max_logprobs=20,
         logprobs_mode="processed_logprobs",  # the distribution the token was drawn from, as the HF engine reports
-        enforce_eager=not on_gpu,  # CUDA graphs only exist on GPU
+        enforce_eager=not s.on_gpu,  # CUDA graphs only exist on GPU
         seed=0,
         **memory,
     )
@@ -165,7 +165,7 @@ class VllmEngine:
             self.shape = AutoModelForCausalLM.from_config(model_config(run.model))
         self.lora_ids = itertools.count(1)  # vLLM keys adapters by id: a reloaded adapter gets a new one
         self.base_lora = None
-        if run.serve.replica_resources.get("GPU", 0) <= 0:
+        if not run.serve.on_gpu:
             from vllm.lora.request import LoRARequest
 
             folder = zero_adapter(self.shape, Path(tempfile.mkdtemp(prefix="lorafleet-zero-lora-")))

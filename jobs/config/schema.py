@@ -229,6 +229,11 @@ class ServeSection(Section):
     replica_resources: dict[str, float] = Field(default_factory=lambda: {"CPU": 1}, description="Ray resources per model replica, e.g. {CPU: 4, GPU: 1}.")
     api_replicas: int = Field(1, gt=0, description="Replicas of the HTTP front (validation, auth, streaming); it holds no model.")
 
+    @property
+    def on_gpu(self) -> bool:
+        """Model replicas ask Ray for a GPU (serve.replica_resources)."""
+        return self.replica_resources.get("GPU", 0) > 0
+
     def bearer_token(self) -> str | None:
         """The API key in force here: serve.api_key, else the variable named by api_key_env."""
         return self.api_key.get_secret_value() if self.api_key else os.environ.get(self.api_key_env) or None
