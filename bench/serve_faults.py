@@ -51,7 +51,7 @@ def run_phase(retries: int, args) -> dict:
                              "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.05", f"serve.replica_loss_retries={retries}", f"serve.port={args.port}",
                              f"serve.engine={args.engine}", "serve.vllm_kv_cache_gib=1"])
     deployment = DEPLOYMENTS[args.engine]
-    url = deploy(run)
+    url = deploy(run).url
     while replica_count(APP, deployment) < 2:
         time.sleep(0.5)
     results, stop = [], threading.Event()

@@ -15,8 +15,9 @@
 - engines: bare vLLM `LLM.generate` (the limit: every prompt handed over at once, in a fresh
   process), lorafleet serve on vLLM, lorafleet serve on the HF engine; 1, 8 and 32 clients on
   one adapter, and 32 clients over 8 adapters mixed. Targets: serve-on-vLLM at 32 clients >=
-  0.8x bare vLLM tokens/s; a lone request's latency <= 1.2x bare vLLM's; 8 mixed adapters >= 0.7x
-  one adapter's throughput; the ratio against the HF engine is printed.
+  0.8x bare vLLM tokens/s; a lone request's latency <= 1.2x bare vLLM's (the same request: prompt,
+  adapter, greedy answer); 8 mixed adapters >= 0.7x one adapter's throughput; the ratio against
+  the HF engine is printed.
 
 The base runs unquantized: on CPU, bitsandbytes 4-bit generation is about 2x slower than fp32
 (3.76 s vs 1.79 s for 32 tokens, measured here); on a GPU use serve.quantization=as_trained.
@@ -115,15 +116,16 @@ def serve_request_seconds(url: str, model: str, max_tokens: int, repeats: int = 
     return statistics.median(times)
 
 
-def lone_seconds_per_token(url: str, model: str, max_tokens: int, repeats: int = 5) -> float:
-    """A lone request's seconds per generated token (an adapter may end its answer before max_tokens)."""
-    per_token = []
+def lone_request(url: str, model: str, max_tokens: int, repeats: int = 7) -> dict:
+    """A lone request's latency (median) and its answer's length, the same request as bare vLLM's lone one."""
+    seconds, tokens = [], set()
     with httpx.Client(base_url=url, timeout=300) as client:
         for _ in range(repeats):
             start = time.perf_counter()
             body = client.post("/chat/completions", json=chat_body(model, max_tokens)).json()
-            per_token.append((time.perf_counter() - start) / body["usage"]["completion_tokens"])
-    return statistics.median(per_token)
+            seconds.append(time.perf_counter() - start)
+            tokens.add(body["usage"]["completion_tokens"])
+    return {"s": statistics.median(seconds), "tokens": sorted(tokens)}
 
 
 # --- load -----------------------------------------------------------------------------------
@@ -231,13 +233,15 @@ def bare_vllm(adapter_root: str, names: list[str], max_tokens: int, prompts: int
     text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
     params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0)
     loras = [LoRARequest(n, i + 1, f"{adapter_root}/{n}") for i, n in enumerate(names)]
-    llm.generate([text], params, lora_request=loras[0], use_tqdm=False)  # warm-up, adapter loaded
-    lone = []
-    for _ in range(5):
+    lone_params = SamplingParams(max_tokens=max_tokens, temperature=0)  # what the served request asks: it may end early
+    llm.generate([text], lone_params, lora_request=loras[0], use_tqdm=False)  # warm-up, adapter loaded
+    lone, tokens = [], set()
+    for _ in range(7):
         start = time.perf_counter()
-        llm.generate([text], params, lora_request=loras[0], use_tqdm=False)
+        out = llm.generate([text], lone_params, lora_request=loras[0], use_tqdm=False)
         lone.append(time.perf_counter() - start)
-    result = {"lone_s": statistics.median(lone)}
+        tokens.add(len(out[0].outputs[0].token_ids))
+    result = {"lone": {"s": statistics.median(lone), "tokens": sorted(tokens)}}
     for label, requests in (("one", [loras[0]] * prompts), ("mixed", [loras[i % len(loras)] for i in range(prompts)])):
         llm.generate([text] * len(loras), params, lora_request=loras, use_tqdm=False)  # every adapter loaded
         start = time.perf_counter()
@@ -269,10 +273,10 @@ def engine_rows(out: Path, names: list[str], engine: str, levels: list[int], max
     from serve.app import deploy
 
     url = deploy(_config(out, f"serve.engine={engine}", "serve.max_batch_size=32", "serve.batch_wait_timeout_s=0.05",
-                         "serve.vllm_max_lora_rank=8", "serve.vllm_kv_cache_gib=2"))
+                         "serve.vllm_max_lora_rank=8", "serve.vllm_kv_cache_gib=2")).url
     for name in names:  # every adapter loaded before timing
         httpx.post(f"{url}/chat/completions", json=chat_body(name, 1), timeout=300).raise_for_status()
-    rows = {"lone_s_per_token": lone_seconds_per_token(url, names[0], max_tokens),
+    rows = {"lone": lone_request(url, names[0], max_tokens),
             "one": [load_level(url, names[0], c, max(16, 2 * c), max_tokens) for c in levels],
             "mixed": mixed_level(url, names, 32, 64, max_tokens)}
     serve.delete("lorafleet")
@@ -281,17 +285,22 @@ def engine_rows(out: Path, names: list[str], engine: str, levels: list[int], max
 
 def engines_table(r: dict, max_tokens: int) -> None:
     bare, v, h = r["bare_vllm"], r["vllm"], r["hf"]
+
+    def lone(x: dict) -> str:
+        return f"{x['s']:.2f} ({'/'.join(map(str, x['tokens']))})"
+
     print(f"\n## Engines: SmolLM2-135M bf16 (vLLM) / fp32 (HF), rank-8 adapters, {max_tokens} new tokens, greedy\n")
-    print("| path | lone request, s per token | 1 client tok/s | 8 clients tok/s | 32 clients tok/s | 32 clients, 8 adapters mixed tok/s |")
+    print("| path | lone request, s (tokens) | 1 client tok/s | 8 clients tok/s | 32 clients tok/s | 32 clients, 8 adapters mixed tok/s |")
     print("|---|---|---|---|---|---|")
-    print(f"| bare vLLM LLM.generate (all prompts at once) | {bare['lone_s'] / max_tokens:.3f} | - | - | {bare['one_tokens_per_s']:.1f} | {bare['mixed_tokens_per_s']:.1f} |")
+    print(f"| bare vLLM LLM.generate (all prompts at once) | {lone(bare['lone'])} | - | - | {bare['one_tokens_per_s']:.1f} | {bare['mixed_tokens_per_s']:.1f} |")
     for label, row in (("lorafleet serve, engine vllm", v), ("lorafleet serve, engine hf", h)):
         by = {x["clients"]: x["tokens_per_s"] for x in row["one"]}
-        print(f"| {label} | {row['lone_s_per_token']:.3f} | {by.get(1, 0):.1f} | {by.get(8, 0):.1f} | {by.get(32, 0):.1f} | {row['mixed']['tokens_per_s']:.1f} |")
+        print(f"| {label} | {lone(row['lone'])} | {by.get(1, 0):.1f} | {by.get(8, 0):.1f} | {by.get(32, 0):.1f} | {row['mixed']['tokens_per_s']:.1f} |")
     at32 = {x["clients"]: x["tokens_per_s"] for x in v["one"]}[32]
     hf32 = {x["clients"]: x["tokens_per_s"] for x in h["one"]}[32]
+    same = "same answer length" if v["lone"]["tokens"] == bare["lone"]["tokens"] else "DIFFERENT answer lengths: not comparable"
     print(f"\nserve-on-vLLM / bare vLLM at 32 clients: {at32 / bare['one_tokens_per_s']:.2f}x (target >= 0.8x)")
-    print(f"lone request, serve-on-vLLM / bare vLLM, per token: {v['lone_s_per_token'] / (bare['lone_s'] / max_tokens):.2f}x (target <= 1.2x)")
+    print(f"lone request, serve-on-vLLM / bare vLLM: {v['lone']['s'] / bare['lone']['s']:.2f}x (target <= 1.2x; {same})")
     print(f"8 mixed adapters / one adapter, serve-on-vLLM at 32 clients: {v['mixed']['tokens_per_s'] / at32:.2f}x (target >= 0.7x)")
     print(f"serve-on-vLLM / serve-on-HF at 32 clients: {at32 / hf32:.2f}x; mixed: {v['mixed']['tokens_per_s'] / h['mixed']['tokens_per_s']:.2f}x")
 
@@ -391,7 +400,7 @@ def main() -> None:
     if parts & {"overhead", "load", "cold"}:
         waits = [float(w) for w in args.batch_waits.split(",")]
         for batch, wait in [(32, w) for w in waits] + [(1, 0.0)]:
-            url = deploy(_config(args.out, f"serve.max_batch_size={batch}", f"serve.batch_wait_timeout_s={wait}"))
+            url = deploy(_config(args.out, f"serve.max_batch_size={batch}", f"serve.batch_wait_timeout_s={wait}")).url
             if (batch, wait) == (32, waits[0]) and "overhead" in parts:
                 report["serve_s"] = serve_request_seconds(url, BASE_NAME, args.max_tokens)
             if (batch, wait) == (32, waits[0]) and "cold" in parts:
@@ -406,7 +415,7 @@ def main() -> None:
     if "ramp" in parts:
         run = _config(args.out, "serve.replica_resources={CPU: 1}", "serve.max_replicas=2", "serve.target_ongoing_requests=2",
                       "serve.upscale_delay_s=3", "serve.downscale_delay_s=10", "serve.max_batch_size=8")
-        url = deploy(run)
+        url = deploy(run).url
         samples = ramp(url, "lorafleet", names[0], 16, [(1, 15), (12, 45), (0, 100)])
         report["ramp"] = samples
         plot_ramp(samples, args.out / "serve_ramp.png")

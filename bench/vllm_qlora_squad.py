@@ -35,7 +35,7 @@ def served_answers(run, examples: list[dict], engine: str, adapter: Path) -> lis
 
     serving = run.model_copy(update={"serve": run.serve.model_copy(update={
         "engine": engine, "quantization": "none", "adapters": {"squad": str(adapter)}, "max_tokens_limit": 1024})})
-    url = deploy(serving)
+    url = deploy(serving).url
 
     def ask(example: dict) -> str:
         body = {"model": "squad", "messages": [{"role": "user", "content": example["prompt"]}], "temperature": 0,

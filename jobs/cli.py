@@ -151,6 +151,50 @@ def evaluate(
     _print(f"report: {outcome.report}" + (f"\npredictions: {predictions}" if predictions else ""))
 
 
+ExportAdapterOption = Annotated[Path, typer.Option("--adapter", help="The adapter folder to merge or check.")]
+MergedOption = Annotated[Optional[Path], typer.Option("--merged", help="Write the merged model to this new folder.")]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="Weights of the merged model: fp32, bf16 or fp16.")]
+CheckOption = Annotated[
+    Optional[str], typer.Option("--check", help="Refuse the adapter if this engine cannot load it: vllm.")
+]
+
+
+@app.command()
+def export(
+    adapter: ExportAdapterOption,
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    merged: MergedOption = None,
+    dtype: DtypeOption = "fp32",
+    check: CheckOption = None,
+) -> None:
+    """Merge an adapter into its unquantized base (a plain checkpoint), and/or check a serving engine can load it.
+
+    The base comes from --config, else from the config.yaml the training run wrote next to the adapter."""
+    from jobs import export as exporting
+
+    with _exit_on((ConfigError, FileNotFoundError, OSError)):
+        problems = (
+            [f"--dtype = {dtype!r}: use one of {', '.join(exporting.DTYPES)}"] if dtype not in exporting.DTYPES else []
+        )
+        if check is not None and check not in exporting.ENGINES:
+            problems.append(f"--check = {check!r}: use one of {', '.join(exporting.ENGINES)}")
+        if merged is None and check is None:
+            problems.append("nothing to do: pass --merged OUT (a merged model) and/or --check vllm")
+        if problems:
+            raise ConfigError(problems)
+        trained_with = adapter.parent / "config.yaml"
+        run = load_config(config or (str(trained_with) if trained_with.is_file() else None), overrides or [])
+        if check:
+            refused = exporting.check(adapter, check, run)
+            if refused:
+                console.print(f"[bold red]{check} cannot load {adapter}:[/] " + "; ".join(refused), highlight=False)
+                raise typer.Exit(1)
+            _print(f"{check} can load {adapter}")
+        if merged:
+            _print(f"merged model: {exporting.merge(run, adapter, merged, dtype)}")
+
+
 BuildOption = Annotated[
     bool, typer.Option("--build", help="Print a Serve config file for `serve deploy` instead of deploying.")
 ]
@@ -170,8 +214,8 @@ def serve_cmd(config: ConfigOption = None, overrides: Overrides = None, build: B
             serve_app.check(run)
             results.print(serve_app.serve_config(run), highlight=False, markup=False, end="")
             return
-        url = serve_app.deploy(run)
-    _print(serve_app.serving_summary(run, url))
+        deployed = serve_app.deploy(run)
+    _print(serve_app.serving_summary(run, deployed))
     if serve_app.embedded(run):
         console.print("embedded Ray: the app stops with this process (Ctrl-C)", highlight=False)
         serve_app.wait_forever()

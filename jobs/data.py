@@ -1,9 +1,10 @@
 """Training data: read any supported format, check every row, split, tokenize, measure.
 
-Rows are never dropped silently: a row with a missing or empty field is either an error
-(naming file, row and field) or, with `data.bad_rows: skip`, skipped and counted in the
-run report. Causal examples mask the prompt out of the loss; seq2seq examples put the
-target in the decoder labels.
+Rows are never dropped silently: a row with a missing or empty field (a conversation: a bad
+turn) is either an error (naming file, row and field or turn) or, with `data.bad_rows: skip`,
+skipped and counted in the run report. Causal examples mask the prompt out of the loss; seq2seq
+examples put the target in the decoder labels; conversations (`jobs.conversations`) train on
+the assistant's turns.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from datasets import Dataset, load_dataset, load_from_disk
 
+from jobs import conversations
 from jobs.config import DataConfig
-from jobs.demo_data import demo_rows
+from jobs.demo_data import demo_conversations, demo_rows
 
 if TYPE_CHECKING:  # the model stack (torch, peft) is not needed to read and check data
     from jobs.prompting import Prompting
@@ -27,6 +29,8 @@ SQUAD_PROMPT = "Answer with a short span copied from the context.\nContext: {con
 FORMAT_DEFAULTS = {"squad": (SQUAD_PROMPT, "answer")}
 GENERIC_DEFAULTS = ("{input}", "output")
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".json": "squad"}
+ROW_LAYOUTS = ("messages", "sharegpt", "alpaca")  # data.format values that name the rows' shape, not the file's
+DEMOS = ("demo", "demo-chat")  # generated tasks: data.path names them
 MAX_LISTED_BAD_ROWS = 20
 
 
@@ -59,19 +63,40 @@ class PreparedData:
 
 
 def resolve_format(cfg: DataConfig) -> str:
-    if cfg.format != "auto":
+    """The file's format (how to read it); data.format: messages / sharegpt / alpaca leave it to the extension."""
+    if cfg.format not in ("auto", *ROW_LAYOUTS):
         return cfg.format
-    if cfg.path == "demo":
-        return "demo"
+    if cfg.path in DEMOS:
+        return cfg.path
     path = Path(cfg.path)
     if path.is_dir() or not path.suffix:
         return "hf"
-    if path.suffix.lower() not in EXTENSIONS:
+    suffix = path.suffix.lower()
+    if cfg.format in ROW_LAYOUTS and suffix == ".json":
+        return "json"  # a JSON array of rows (SQuAD files are read only with data.format: auto or squad)
+    if suffix not in EXTENSIONS:
         raise DataError(
-            f"data.format = 'auto': cannot tell the format of {cfg.path!r}; set data.format to one of jsonl, csv, "
-            "parquet, squad, hf"
+            f"data.format = {cfg.format!r}: cannot tell the format of {cfg.path!r}; set data.format to one of jsonl, "
+            "csv, parquet, squad, hf"
         )
-    return EXTENSIONS[path.suffix.lower()]
+    return EXTENSIONS[suffix]
+
+
+def resolve_layout(cfg: DataConfig, fmt: str, columns: set[str]) -> str:
+    """The rows' shape: 'prompt' (template + target column), 'alpaca', or a conversation ('messages', 'sharegpt')."""
+    if cfg.format in ROW_LAYOUTS:
+        return cfg.format
+    if fmt == "demo-chat":
+        return "messages"
+    if fmt in ("demo", "squad") or cfg.prompt_template or cfg.target_column:
+        return "prompt"
+    if "messages" in columns:
+        return "messages"
+    if "conversations" in columns:
+        return "sharegpt"
+    if {"instruction", "output"} <= columns:
+        return "alpaca"
+    return "prompt"
 
 
 def templates(cfg: DataConfig, fmt: str) -> tuple[str, str]:
@@ -166,8 +191,9 @@ def _read_table(fmt: str, cfg: DataConfig) -> RawData:
 
 
 def read_raw(cfg: DataConfig, fmt: str) -> RawData:
-    if fmt == "demo":
-        return RawData(rows=[(i + 1, r) for i, r in enumerate(demo_rows(cfg.demo_rows, cfg.seed))])
+    if fmt in DEMOS:
+        generate = demo_rows if fmt == "demo" else demo_conversations
+        return RawData(rows=[(i + 1, r) for i, r in enumerate(generate(cfg.demo_rows, cfg.seed))])
     path = Path(cfg.path)
     if fmt != "hf" and not path.is_file():
         raise DataError(f"data.path = {cfg.path!r}: file not found")
@@ -186,17 +212,77 @@ def _placeholders(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
-def to_examples(raw: RawData, cfg: DataConfig, fmt: str) -> tuple[list[dict[str, Any]], list[BadRow]]:
-    """Map rows to {id, prompt, target, references}; collect rows with missing/empty fields."""
+def _conversation_example(number: int, record: dict[str, Any], cfg: DataConfig, layout: str):
+    messages, problems = conversations.from_record(record, layout, cfg.roles, cfg.system_prompt)
+    if problems:
+        return None, [BadRow(number, p.field, p.reason) for p in problems]
+    last = conversations.last_assistant(messages)
+    target = messages[last]["content"]
+    return {
+        "id": str(record.get("id", number)),
+        "row": number,
+        "conversation": json.dumps(messages, ensure_ascii=False),
+        "prompt": conversations.transcript(messages[:last]),  # what eval.md and the predictions file show
+        "target": target,
+        "references": [target],
+    }, []
+
+
+def _alpaca_example(number: int, record: dict[str, Any]):
+    """Alpaca's instruction (+ input, when given) as the prompt and its output as the target."""
+    bad = [
+        BadRow(number, k, "missing or empty") for k in ("instruction", "output") if not str(record.get(k) or "").strip()
+    ]
+    bad += [
+        BadRow(number, k, f"a {type(record[k]).__name__}, expected text")
+        for k in ("instruction", "input", "output")
+        if isinstance(record.get(k), (list, dict))
+    ]
+    if bad:
+        return None, bad
+    extra = str(record.get("input") or "").strip()
+    target = str(record["output"])
+    prompt = f"{record['instruction']}\n\n{extra}" if extra else str(record["instruction"])
+    return {
+        "id": str(record.get("id", number)),
+        "row": number,
+        "prompt": prompt,
+        "target": target,
+        "references": [target],
+    }, []
+
+
+def to_examples(raw: RawData, cfg: DataConfig, fmt: str) -> tuple[list[dict[str, Any]], list[BadRow], str]:
+    """Map rows to {id, prompt, target, references} (conversations also carry their messages); collect bad rows.
+    Returns the rows' layout too."""
+    columns = {cfg.columns.get(k, k) for _, r in raw.rows for k in r}
+    layout = resolve_layout(cfg, fmt, columns)
+    if layout == "prompt":
+        return *_prompt_examples(raw, cfg, fmt, columns), layout
+    examples, bad = [], list(raw.bad)
+    for number, record in raw.rows:
+        record = {cfg.columns.get(k, k): v for k, v in record.items()}
+        example, problems = (
+            _alpaca_example(number, record)
+            if layout == "alpaca"
+            else _conversation_example(number, record, cfg, layout)
+        )
+        bad.extend(problems)
+        if example:
+            examples.append(example)
+    return examples, bad, layout
+
+
+def _prompt_examples(raw: RawData, cfg: DataConfig, fmt: str, columns: set[str]):
+    """Rows through data.prompt_template and data.target_column."""
     prompt_template, target_column = templates(cfg, fmt)
     fields = _placeholders(prompt_template)
     needed = [*fields, target_column]
-    columns = sorted(set().union(*(r.keys() for _, r in raw.rows)))
-    absent = [name for name in needed if name not in set(columns) | set(cfg.columns.values())]
+    absent = [name for name in needed if name not in columns]
     if raw.rows and absent:
         raise DataError(
             f"{cfg.path}: column(s) {absent} used by data.prompt_template/data.target_column are not in the data; its "
-            f"columns are {columns}. Rename them with data.columns or change the template"
+            f"columns are {sorted(columns)}. Rename them with data.columns or change the template"
         )
     examples, bad = [], list(raw.bad)
     for number, record in raw.rows:
@@ -245,8 +331,47 @@ def split(examples: list[dict[str, Any]], cfg: DataConfig) -> tuple[Dataset, Dat
     return parts["train"], parts["test"]
 
 
+def encode_conversation(example: dict[str, Any], prompting: Prompting, cfg: DataConfig) -> dict[str, Any]:
+    """A conversation's ids and labels within data.max_length (data.truncation), plus what the report counts
+    (a conversation the template cannot render consistently gets no tokens and its problem)."""
+    messages, dropped, problem = json.loads(example["conversation"]), 0, ""
+    try:
+        tokens = conversations.tokens(prompting.tokenizer, messages, cfg.train_on)
+        while len(tokens.input_ids) > cfg.max_length and cfg.truncation == "drop_oldest_turns":
+            shorter = conversations.drop_oldest_exchange(messages)
+            if shorter is None:
+                break
+            messages, dropped = shorter, dropped + 1
+            tokens = conversations.tokens(prompting.tokenizer, messages, cfg.train_on)
+    except conversations.TemplateError as exc:
+        tokens, dropped, problem = conversations.Tokens([], [], 0), 0, str(exc)
+    ids = tokens.input_ids
+    return {
+        "input_ids": ids,
+        "attention_mask": [1] * len(ids),
+        "labels": tokens.labels,
+        "prompt_tokens": len(ids) - tokens.trained,  # context without loss
+        "target_tokens": tokens.trained,
+        "truncated": dropped > 0,
+        "dropped_turns": dropped,
+        "too_long": len(ids) > cfg.max_length,
+        "row": example["row"],
+        "problem": problem,
+    }
+
+
+def generation_prompt(example: dict[str, Any]) -> str | list[dict[str, Any]]:
+    """What evaluation asks the model: the prompt text, or a conversation's turns before its last answer."""
+    if example.get("conversation"):
+        messages = json.loads(example["conversation"])
+        return messages[: conversations.last_assistant(messages)]
+    return example["prompt"]
+
+
 def encode(example: dict[str, Any], prompting: Prompting, cfg: DataConfig) -> dict[str, Any]:
     """Token ids for one example plus its untruncated lengths (for the report)."""
+    if example.get("conversation"):
+        return encode_conversation(example, prompting, cfg)
     tokenizer = prompting.tokenizer
     prompt_ids = prompting.ids(prompting.text(example["prompt"], cfg.system_prompt))
     if prompting.kind == "seq2seq":
@@ -278,16 +403,47 @@ def _length_stats(values: list[int]) -> dict[str, float]:
     }
 
 
+def _drop_unusable(encoded: Dataset, cfg: DataConfig, desc: str) -> tuple[Dataset, dict[str, Any]]:
+    """Conversations the template cannot render consistently, or still longer than data.max_length: an error
+    naming file and row, or (data.bad_rows / data.truncation: skip, drop_oldest_turns) skipped and counted."""
+    problems = [BadRow(r, "chat template", p) for r, p in zip(encoded["row"], encoded["problem"], strict=True) if p]
+    long_rows = [r for r, long in zip(encoded["row"], encoded["too_long"], strict=True) if long]
+    if problems and cfg.bad_rows == "fail":
+        check_bad_rows(problems, cfg, len(encoded))
+    if long_rows and cfg.truncation == "fail":
+        listed = ", ".join(map(str, long_rows[:MAX_LISTED_BAD_ROWS])) + (
+            " ..." if len(long_rows) > MAX_LISTED_BAD_ROWS else ""
+        )
+        raise DataError(
+            f"{cfg.path}: {len(long_rows)} {desc} conversation(s) longer than data.max_length = {cfg.max_length} "
+            f"tokens (rows {listed}); raise data.max_length, or set data.truncation=drop_oldest_turns or skip"
+        )
+    keep = [
+        i for i, (p, long) in enumerate(zip(encoded["problem"], encoded["too_long"], strict=True)) if not p and not long
+    ]
+    counts = {
+        "dropped_turns": int(sum(encoded["dropped_turns"])),
+        "too_long_skipped": len(long_rows),
+        "template_problems_skipped": len(problems),
+        "problem_details": [str(b) for b in problems[:MAX_LISTED_BAD_ROWS]],
+    }
+    return encoded.select(keep), counts
+
+
 def tokenize(dataset: Dataset, prompting: Prompting, cfg: DataConfig, desc: str) -> tuple[Dataset, dict[str, Any]]:
     encoded = dataset.map(
         lambda ex: encode(ex, prompting, cfg), remove_columns=dataset.column_names, desc=f"Tokenizing {desc}"
     )
+    extra = {}
+    if "too_long" in encoded.column_names:
+        encoded, extra = _drop_unusable(encoded, cfg, desc)
     stats = {
         "rows": len(encoded),
         "prompt_tokens": _length_stats(encoded["prompt_tokens"]),
         "target_tokens": _length_stats(encoded["target_tokens"]),
         "truncated": int(sum(encoded["truncated"])),
         "truncated_share": round(sum(encoded["truncated"]) / max(len(encoded), 1), 4),
+        **extra,
     }
     return encoded.select_columns(["input_ids", "attention_mask", "labels"]), stats
 
@@ -296,7 +452,7 @@ def load_examples(cfg: DataConfig) -> tuple[list[dict[str, Any]], dict[str, Any]
     """Read and check rows; raise DataError before any model or Ray work if they are unusable."""
     fmt = resolve_format(cfg)
     raw = read_raw(cfg, fmt)
-    examples, bad = to_examples(raw, cfg, fmt)
+    examples, bad, layout = to_examples(raw, cfg, fmt)
     total = len(raw.rows) + len(raw.bad)
     if total == 0:
         raise DataError(f"data.path = {cfg.path!r}: no rows found")
@@ -310,7 +466,8 @@ def load_examples(cfg: DataConfig) -> tuple[list[dict[str, Any]], dict[str, Any]
     bad_rows = sorted({b.row for b in bad})
     report = {
         "source": cfg.path,
-        "format": fmt,
+        "format": fmt if layout == "prompt" else f"{fmt} ({layout})",
+        "layout": layout,
         "rows_read": total,
         "rows_valid": len(examples),
         "rows_used": len(used),
@@ -323,6 +480,12 @@ def load_examples(cfg: DataConfig) -> tuple[list[dict[str, Any]], dict[str, Any]
 
 def prepare(cfg: DataConfig, prompting: Prompting) -> PreparedData:
     examples, report = load_examples(cfg)
+    if report["layout"] in ("messages", "sharegpt") and not prompting.use_chat:
+        raise DataError(
+            f"data.format: {report['layout']} conversations are rendered with the tokenizer's chat template, and this "
+            "model has none (or model.chat_template is false); use a chat model, or single-turn rows with "
+            "data.prompt_template / data.format: alpaca"
+        )
     train_rows, eval_rows = split(examples, cfg)
     train, report["train"] = tokenize(train_rows, prompting, cfg, "train")
     evaluation = None

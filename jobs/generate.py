@@ -1,6 +1,7 @@
 """Batched generation whose outputs stay tied to their inputs.
 
-- the prompt is built and truncated exactly as in training (`Prompting.text`);
+- the prompt is built and truncated exactly as in training (`Prompting.text`; a conversation as the
+  server renders it, `jobs.conversations.prompt_ids`);
 - `max_new_tokens` only: a long prompt never eats the room for the answer;
 - decoder-only models are padded on the left, so every row's new tokens start at the same column;
 - batches group prompts of similar length, and every output is written back by its index;
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from jobs import conversations
 from jobs.config import DataConfig, EvalConfig
 from jobs.prompting import Prompting
 
@@ -25,8 +27,16 @@ class Generation:
     error: str | None = None
 
 
-def encode_prompts(prompts: list[str], prompting: Prompting, data: DataConfig) -> list[list[int]]:
-    return [prompting.ids(prompting.text(p, data.system_prompt))[: data.max_source_length] for p in prompts]
+def encode_prompt(prompt: str | list[dict], prompting: Prompting, data: DataConfig) -> list[int]:
+    """A prompt text as in training, or a conversation's turns as the server renders them (oldest exchanges
+    dropped while it is longer than data.max_length, as in training)."""
+    if isinstance(prompt, str):
+        return prompting.ids(prompting.text(prompt, data.system_prompt))[: data.max_source_length]
+    ids = conversations.prompt_ids(prompting.tokenizer, prompt)
+    while len(ids) > data.max_length and (shorter := conversations.drop_oldest_exchange(prompt, keep_an_answer=False)):
+        prompt = shorter
+        ids = conversations.prompt_ids(prompting.tokenizer, prompt)
+    return ids
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:
@@ -74,14 +84,19 @@ def _as_generation(text: str) -> Generation:
 
 
 def generate(
-    model, prompting: Prompting, prompts: list[str], data: DataConfig, cfg: EvalConfig, desc: str = "Generating"
+    model,
+    prompting: Prompting,
+    prompts: list[str | list[dict]],
+    data: DataConfig,
+    cfg: EvalConfig,
+    desc: str = "Generating",
 ) -> list[Generation]:
-    """One Generation per prompt, in the prompts' order."""
+    """One Generation per prompt (a text, or a conversation's messages), in the prompts' order."""
     if cfg.do_sample:
         torch.manual_seed(cfg.seed)
     was_training = model.training
     model.eval()
-    encoded = encode_prompts(prompts, prompting, data)
+    encoded = [encode_prompt(p, prompting, data) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     results: list[Generation | None] = [None] * len(encoded)
     batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]

@@ -36,12 +36,16 @@ def model_path(cfg: ModelConfig) -> str:
     return cfg.name
 
 
-def _hub_kwargs(cfg: ModelConfig) -> dict:
+def hub_kwargs(cfg: ModelConfig) -> dict:
     return {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
 
 
+def auto_model_class(kind: str):
+    return AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+
+
 def model_config(cfg: ModelConfig):
-    return AutoConfig.from_pretrained(model_path(cfg), **_hub_kwargs(cfg))
+    return AutoConfig.from_pretrained(model_path(cfg), **hub_kwargs(cfg))
 
 
 def model_kind(cfg: ModelConfig) -> str:
@@ -51,7 +55,7 @@ def model_kind(cfg: ModelConfig) -> str:
 
 
 def load_tokenizer(cfg: ModelConfig):
-    tokenizer = AutoTokenizer.from_pretrained(model_path(cfg), **_hub_kwargs(cfg))
+    tokenizer = AutoTokenizer.from_pretrained(model_path(cfg), **hub_kwargs(cfg))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -111,14 +115,13 @@ def one_4bit_kernel(model):
 
 def load_base(run: RunConfig, device: torch.device, kind: str):
     """The frozen base model, quantized as configured, placed on this process's device."""
-    auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
-    model = auto.from_pretrained(
+    model = auto_model_class(kind).from_pretrained(
         model_path(run.model),
         quantization_config=quantization_config(run, device),
         # Pinned to this worker's own device: "auto" would spread one replica over all GPUs.
         device_map={"": device},
         dtype=compute_dtype(run, device) if run.quantization.mode == "none" else None,
-        **_hub_kwargs(run.model),
+        **hub_kwargs(run.model),
     )
     return one_4bit_kernel(model)
 

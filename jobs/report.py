@@ -111,10 +111,15 @@ def _data_section(data: dict[str, Any]) -> str:
     for split in ("train", "validation"):
         if split in data:
             s = data[split]
+            chat = "too_long_skipped" in s  # conversations: context and trained tokens, turns dropped to fit
             rows += [(f"{split}: examples", s["rows"]),
-                     (f"{split}: prompt tokens mean / p50 / p95 / max", " / ".join(fmt(s["prompt_tokens"].get(k)) for k in ("mean", "p50", "p95", "max"))),
-                     (f"{split}: target tokens mean / p50 / p95 / max", " / ".join(fmt(s["target_tokens"].get(k)) for k in ("mean", "p50", "p95", "max"))),
-                     (f"{split}: truncated examples", f"{s['truncated']} ({100 * s['truncated_share']:.1f}%)")]
+                     (f"{split}: {'context tokens (no loss)' if chat else 'prompt tokens'} mean / p50 / p95 / max", " / ".join(fmt(s["prompt_tokens"].get(k)) for k in ("mean", "p50", "p95", "max"))),
+                     (f"{split}: {'trained tokens' if chat else 'target tokens'} mean / p50 / p95 / max", " / ".join(fmt(s["target_tokens"].get(k)) for k in ("mean", "p50", "p95", "max"))),
+                     (f"{split}: {'conversations with oldest turns dropped' if chat else 'truncated examples'}", f"{s['truncated']} ({100 * s['truncated_share']:.1f}%)")]
+            if chat:
+                rows += [(f"{split}: turns dropped (data.truncation)", s["dropped_turns"]),
+                         (f"{split}: skipped, longer than data.max_length", s["too_long_skipped"]),
+                         (f"{split}: skipped, chat template problems", s["template_problems_skipped"])]
     text = _table(rows)
     if data["bad_row_details"]:
         text += "\n\nBad rows (first {}):\n\n".format(len(data["bad_row_details"])) + "\n".join(f"- {d}" for d in data["bad_row_details"])

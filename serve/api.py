@@ -23,6 +23,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
+from jobs import conversations
 from jobs.config import RunConfig
 from jobs.model import model_config
 from jobs.prompting import Prompting
@@ -180,9 +181,7 @@ class Gateway:
             raise ApiError(400, _describe(exc.errors()), param=first or None) from None
 
     def _chat_prompt(self, body: protocol.ChatRequest) -> list[int]:
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages
-        ]
+        messages = [m.as_template_input() for m in body.messages]
         if not self.prompting.use_chat:
             if len(messages) != 1 or messages[0]["role"] != "user":
                 raise ApiError(
@@ -191,13 +190,12 @@ class Gateway:
                     param="messages",
                 )
             return self.prompting.tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"]
-        if self.system_prompt and messages[0]["role"] != "system":  # as in training
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        try:
-            text = self.prompting.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:  # the same system prompt rule and tokenization as the training examples (jobs.conversations)
+            return conversations.prompt_ids(
+                self.prompting.tokenizer, conversations.with_system(messages, self.system_prompt)
+            )
         except Exception as exc:  # templates may refuse role orders (e.g. two system messages)
             raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages") from None
-        return self.prompting.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _adapter(self, model: str) -> str | None:
         if model == self.base_name:
@@ -276,7 +274,10 @@ class Gateway:
         tokens = sum(c["completion_tokens"] for c in result["choices"])
         first_token_s = total - result["engine_s"] + result["first_token_s"]  # the gateway's part + the engine's
         self.metrics.answered(body.model, len(prompt_ids), tokens, first_token_s, total)
-        return protocol.completion(body.model, result["choices"], len(prompt_ids), chat)
+        answer = protocol.completion(body.model, result["choices"], len(prompt_ids), chat)
+        if body.return_token_ids:  # vLLM's extension: the ids the engine was given, to compare with training
+            answer["prompt_token_ids"] = prompt_ids
+        return answer
 
     async def _open_stream(self, gen: dict, adapter: str | None):
         stream = self.engine.options(stream=True, multiplexed_model_id=adapter or "").stream.remote(gen)

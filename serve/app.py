@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -125,20 +126,27 @@ def endpoint(run: RunConfig) -> str:
     return f"http://{host}:{run.serve.port}{run.serve.route_prefix.rstrip('/')}/v1"
 
 
-def deploy(run: RunConfig) -> str:
-    """Start Serve (embedded Ray without an address) and deploy; returns the endpoint."""
+@dataclass(frozen=True)
+class Deployed:
+    url: str  # the OpenAI-compatible endpoint, ending in /v1
+    engine: EngineChoice
+
+
+def deploy(run: RunConfig) -> Deployed:
+    """Start Serve (embedded Ray without an address) and deploy."""
     choice = check(run)
     cluster.connect(run.ray.address)
     serve.start(http_options={"host": run.serve.host, "port": run.serve.port})
     serve.run(application(run, choice), name=run.serve.name, route_prefix=run.serve.route_prefix)
-    return endpoint(run)
+    return Deployed(endpoint(run), choice)
 
 
-def serving_summary(run: RunConfig, url: str) -> str:
-    """What `lorafleet serve` prints once the app is up: where, which models, a request to try."""
+def serving_summary(run: RunConfig, deployed: Deployed) -> str:
+    """What `lorafleet serve` prints once the app is up: where, which models and engine, a request to try."""
     models = ", ".join([base_model_name(run), *adapters.names(run.serve)])
     key = " -H 'Authorization: Bearer $KEY'" if run.serve.bearer_token() else ""
-    return f"serving {url}  models: {models}\n{choose(run).line()}\ntry: curl {url}/models{key}"
+    url = deployed.url
+    return f"serving {url}  models: {models}\n{deployed.engine.line()}\ntry: curl {url}/models{key}"
 
 
 def embedded(run: RunConfig) -> bool:

@@ -85,6 +85,9 @@ class Sampling(BaseModel):
         None, description="{type: json_object} or {type: json_schema, json_schema: {name, schema}}: the answer is JSON."
     )
     stream_options: StreamOptions | None = Field(None, description="With stream: {include_usage: true} adds usage.")
+    return_token_ids: bool = Field(
+        False, description="vLLM's extension: add the prompt's token ids to a non-streamed answer."
+    )
 
     def structured(self) -> dict | None:
         """The response format as the engines take it (None: free text)."""
@@ -137,17 +140,34 @@ class CompletionRequest(Sampling):
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, max_length=64, description="An assistant's tool calls.")
+    tool_call_id: str | None = Field(None, max_length=256, description="The call a tool message answers.")
+    name: str | None = Field(None, max_length=256, description="The speaker's or tool's name.")
 
     @field_validator("content")
     @classmethod
     def _text_only(cls, value):
+        if value is None:
+            return value
         if isinstance(value, list):  # the content-parts form: text parts only
             if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in value):
                 raise ValueError("only text content parts ({type: text, text: ...}) are supported")
             value = "".join(part["text"] for part in value)
         return _utf8(value)
+
+    @model_validator(mode="after")
+    def _content_or_tool_calls(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content (only an assistant's tool call may go without)")
+        return self
+
+    def as_template_input(self) -> dict[str, Any]:
+        """The message as chat templates (and the training examples, jobs.conversations) take it."""
+        message = {"role": "system" if self.role == "developer" else self.role, "content": self.content or ""}
+        extra = {"tool_calls": self.tool_calls, "tool_call_id": self.tool_call_id, "name": self.name}
+        return message | {k: v for k, v in extra.items() if v is not None}
 
 
 class ChatRequest(Sampling):
@@ -169,7 +189,7 @@ class ChatRequest(Sampling):
     @field_validator("messages")
     @classmethod
     def _has_content(cls, value):
-        if not any(m.content.strip() for m in value):
+        if not any((m.content or "").strip() or m.tool_calls for m in value):
             raise ValueError("every message is empty; send at least one message with text")
         return value
 

@@ -26,6 +26,8 @@ BROKEN_DATA = {  # file -> what the error must say
     "squad-answer-not-in-context.json": ["squad-answer-not-in-context.json", "row 2: answers: question 'q2': answer 'the dog' is not in the context"],
     "squad-no-answers.json": ["squad-no-answers.json", "row 1: answers: question 'q1' has no answer text"],
     "squad-not-squad.json": ["squad-not-squad.json", "not a SQuAD v1.1 JSON file"],
+    "bad-conversations.jsonl": ["bad-conversations.jsonl", "7 problem(s) in 8 row(s)", "row 2: turn 2: unknown role 'bot'",
+                                "row 3: turn 1: user content: empty", "row 5: messages: no assistant turn to learn from"],
 }
 
 BROKEN_CONFIGS = {

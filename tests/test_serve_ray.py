@@ -13,6 +13,10 @@ from openai import OpenAI
 from ray import serve
 
 from jobs.config import load_config
+from jobs.data import encode, generation_prompt, prepare
+from jobs.demo_data import demo_conversations
+from jobs.export import merge
+from jobs.prompting import Prompting
 from serve.app import application, deploy
 from tests.serve_fixtures import make_adapter, narrow_llama
 from tests.subprocesses import free_port
@@ -42,12 +46,12 @@ def app(request, tmp_path_factory, tiny_causal, tiny_causal_vllm, tiny_seq2seq):
     run = load_config(None, [*common, f"serve.adapters={{a: {root / 'a'}}}", f"serve.adapter_root={registry}", "serve.max_adapters_per_replica=2",
                              "serve.max_concurrent_requests=4", "serve.batch_wait_timeout_s=0.2"])
     ray.init(num_cpus=2)
-    url = deploy(run)
+    url = deploy(run).url
     secure = load_config(None, [*common, "serve.name=secure", "serve.route_prefix=/secure", f"serve.api_key={KEY}",
                                 "serve.max_concurrent_requests=1", "serve.overload=queue"])
     serve.run(application(secure), name="secure", route_prefix="/secure")
     yield {"url": url, "secure": f"http://localhost:{port}/secure/v1", "registry": registry, "spare": spare, "port": port,
-           "base": Path(tiny_causal).name, "engine": engine}
+           "base": Path(tiny_causal).name, "engine": engine, "model": tiny_causal}
     serve.shutdown()
     ray.shutdown()
 
@@ -118,6 +122,40 @@ def test_the_official_openai_client_works_unchanged(app):
     pieces = [c.choices[0].delta.content or "" for c in stream]
     assert "".join(pieces) == chat.choices[0].message.content
     assert client.models.list().data[1].id == "a"
+
+
+def test_held_out_conversations_are_served_the_prompt_ids_they_were_trained_on(app, http, tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in demo_conversations(60, seed=7)))
+    run = load_config(None, [f"model.name={app['model']}", f"data.path={path}", "data.validation_fraction=0.2"])
+    prompting = Prompting.load(run.model)
+    held_out = prepare(run.data, prompting).eval_examples
+    assert len(held_out) == 12
+    for example in held_out:
+        trained = encode(example, prompting, run.data)
+        body = {"model": "a", "messages": generation_prompt(example), "max_tokens": 1, "return_token_ids": True}
+        response = http.post("/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        served = response.json()["prompt_token_ids"]
+        assert served == trained["input_ids"][: len(served)]  # ids, not text
+        assert trained["labels"][len(served) - 1] == -100 and trained["labels"][len(served)] != -100  # the answer starts here
+
+
+def test_a_merged_export_is_served_as_a_base_model(app, tmp_path):
+    if app["engine"] != "hf":
+        pytest.skip("one engine is enough: the merged folder is a plain checkpoint either way")
+    merged = merge(load_config(None, [f"model.name={app['model']}"]), make_adapter(app["model"], tmp_path / "a", seed=9),
+                   tmp_path / "merged")
+    run = load_config(None, [f"model.name={merged}", "quantization.mode=none", f"serve.port={app['port']}", "serve.name=merged",
+                             "serve.route_prefix=/merged", "serve.replica_resources={CPU: 0.5}", "serve.engine=hf"])
+    serve.run(application(run), name="merged", route_prefix="/merged")
+    try:
+        with httpx.Client(base_url=f"http://localhost:{app['port']}/merged/v1", timeout=120) as client:
+            assert client.get("/models").json()["data"][0]["id"] == "merged"
+            answer = _complete(client, "merged")
+    finally:
+        serve.delete("merged")
+    assert answer["model"] == "merged" and answer["usage"]["completion_tokens"] > 0
 
 
 def test_stop_strings_and_sampling_settings_are_honoured(http):

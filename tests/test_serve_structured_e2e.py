@@ -36,7 +36,7 @@ def url(request):
                                             "serve.quantization=none", "serve.replica_resources={CPU: 1}", "serve.vllm_kv_cache_gib=0.5"])
     ray.init(num_cpus=2)
     try:
-        yield deploy(run)
+        yield deploy(run).url
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -201,3 +201,18 @@ def test_the_zero_adapter_covers_every_linear_layer_with_zeros(tmp_path, tiny_ca
     weights = load_file(folder / adapters.WEIGHTS)
     assert len(weights) == 2 * 7 * 2 and all(not t.any() for t in weights.values())  # 7 projections x 2 layers, A and B
     assert json.loads((folder / adapters.CONFIG).read_text())["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_chat_messages_reach_the_template_in_the_training_examples_form():
+    from jobs import conversations
+
+    call = [{"id": "c1", "type": "function", "function": {"name": "locker", "arguments": "{}"}}]
+    sent = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Code?"}]},
+            {"role": "assistant", "content": None, "tool_calls": call}, {"role": "tool", "tool_call_id": "c1", "content": "4821"},
+            {"role": "assistant", "content": "4821."}]
+    served = [m.as_template_input() for m in protocol.ChatRequest(model="m", messages=sent).messages]
+    trained, problems = conversations.from_record({"messages": sent[1:]}, "messages", {}, None)
+    assert problems == [] and served[0] == {"role": "system", "content": "Be brief."}
+    assert served[1:] == trained
+    with pytest.raises(ValidationError, match="needs content"):
+        protocol.ChatRequest(model="m", messages=[{"role": "user", "content": None}])

@@ -192,7 +192,7 @@ def test_the_vllm_engine_serves_an_adapter_from_s3_as_from_its_folder(s3, tiny_c
                              f"serve.adapters={{remote: {uri}/adapter, local: {local}}}"])
     ray.init(num_cpus=2)
     try:
-        url = deploy(run)
+        url = deploy(run).url
         answers = {}
         for model in ("remote", "local"):
             response = httpx.post(f"{url}/completions", json={"model": model, "prompt": "first second third", "max_tokens": 8, "temperature": 0}, timeout=300)

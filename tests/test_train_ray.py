@@ -128,3 +128,17 @@ def test_deepspeed_zero2_with_4bit_on_two_workers(local_ray, tiny_causal, tmp_pa
         tuned = load_adapter(run, outcome.adapter_dir, CPU, "causal").eval()(**batch).logits
         base = load_base(run, CPU, "causal").eval()(**batch).logits
     assert not torch.allclose(tuned, base)
+
+
+def test_padding_free_training_on_ray_follows_the_padded_run(local_ray, tiny_causal, tmp_path):
+    def run(name, *extra):
+        return train(load_config(None, [
+            f"model.name={tiny_causal}", f"training.output_dir={tmp_path / name}", f"ray.storage_path={tmp_path / 'storage'}",
+            "quantization.mode=none", "data.demo_rows=48", "training.max_steps=4", "training.eval_steps=4", "training.logging_steps=1",
+            "training.learning_rate=5e-3", "training.batch_size=4", *extra]))
+
+    padded, packed = run("padded"), run("packed", "training.packing=padding_free")
+    losses = [[e["loss"] for e in json.loads((tmp_path / n / "metrics.json").read_text())["log_history"] if "loss" in e]
+              for n in ("padded", "packed")]
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-3)  # same batches, same loss
+    assert packed.metrics["final_eval_loss"] == pytest.approx(padded.metrics["final_eval_loss"], rel=1e-3)

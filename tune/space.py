@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 from ray import tune
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import AutoConfig
 from transformers.pytorch_utils import Conv1D
 
 from jobs.config import ConfigError, RunConfig, SearchDimension, set_dotted
-from jobs.model import model_kind, model_path
+from jobs.model import auto_model_class, model_kind, model_path
 
 # Settings that change how many optimizer steps a trial runs.
 STEP_KEYS = (
@@ -33,9 +33,10 @@ STEP_KEYS = (
 def linear_layers(run: RunConfig) -> tuple[list[str], list[str]]:
     """(attention, other) projection names of the architecture, as `parent.child` suffixes PEFT matches."""
     config = AutoConfig.from_pretrained(model_path(run.model), trust_remote_code=run.model.trust_remote_code)
-    auto = AutoModelForSeq2SeqLM if model_kind(run.model) == "seq2seq" else AutoModelForCausalLM
     with torch.device("meta"):
-        model = auto.from_config(config, trust_remote_code=run.model.trust_remote_code)
+        model = auto_model_class(model_kind(run.model)).from_config(
+            config, trust_remote_code=run.model.trust_remote_code
+        )
     head = model.get_output_embeddings()
     attention, other = set(), set()
     for name, module in model.named_modules():

@@ -34,6 +34,7 @@ from jobs.config import (
 )
 from jobs.data import prepare
 from jobs.prompting import Prompting
+from jobs.train import check_packing
 from tune import leaderboard
 from tune.space import max_trial_steps, param_space, resolve_target_sets
 from tune.trial import run_trial
@@ -70,7 +71,9 @@ def plan(run: RunConfig) -> SweepPlan:
         raise ConfigError(problems, "tune")
     run = with_absolute_paths(run)  # trials run in Ray's session folder, not here
     targets = resolve_target_sets(run)
-    data = prepare(run.data, Prompting.load(run.model))  # bad data fails here, not in 8 trials
+    prompting = Prompting.load(run.model)
+    check_packing(run, prompting.kind)
+    data = prepare(run.data, prompting)  # bad data fails here, not in 8 trials
     base = run.model_dump(mode="json", exclude={"tune"})
     return SweepPlan(
         run=run, base=base, targets=targets, n_train=len(data.train), max_steps=max_trial_steps(run, len(data.train))

@@ -108,6 +108,13 @@ def _rule_template_uses_columns(cfg: RunConfig) -> str | None:
     return None
 
 
+def _rule_roles(cfg: RunConfig) -> str | None:
+    unknown = {k: v for k, v in cfg.data.roles.items() if v not in ("system", "user", "assistant", "tool")}
+    if unknown:
+        return problem("data.roles", unknown, "map each ShareGPT name to one of system, user, assistant, tool")
+    return None
+
+
 def _rule_json_schema(cfg: RunConfig) -> str | None:
     schema = cfg.eval.json_schema
     if schema is not None and "json" not in cfg.eval.metrics:
@@ -222,6 +229,7 @@ def _rule_search_space(cfg: RunConfig) -> list[str]:
 
 
 CROSS_FIELD_RULES = (
+    _rule_roles,
     _rule_serve_adapters,
     _rule_serve_replicas,
     _rule_serve_token_limits,

@@ -41,8 +41,12 @@ class LoraConfig(Section):
 
 
 class DataConfig(Section):
-    path: str = Field("demo", description="JSONL/CSV/Parquet/SQuAD JSON file, dataset folder, hub dataset id, or 'demo' (generated).")
-    format: Literal["auto", "jsonl", "csv", "parquet", "squad", "hf"] = Field("auto", description="Input format; 'auto' from the file extension.")
+    path: str = Field("demo", description="JSONL/CSV/Parquet/SQuAD JSON file, dataset folder, hub dataset id, or a generated task: 'demo', 'demo-chat'.")
+    format: Literal["auto", "jsonl", "csv", "parquet", "squad", "hf", "messages", "sharegpt", "alpaca"] = Field("auto", description="File format, or the rows' shape (messages, sharegpt, alpaca: file type from the extension); 'auto': extension, then a messages/conversations column.")
+    roles: dict[str, str] = Field(default_factory=lambda: {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool", "observation": "tool"}, description="ShareGPT 'from' names -> system/user/assistant/tool.")
+    train_on: Literal["assistant", "last_assistant", "all"] = Field("assistant", description="Conversations: loss on every assistant turn, the last one only, or every token.")
+    max_length: int = Field(1024, gt=0, description="Conversations: tokens per example, chat template included.")
+    truncation: Literal["drop_oldest_turns", "skip", "fail"] = Field("drop_oldest_turns", description="Conversations over data.max_length: drop the oldest exchanges (system prompt kept), skip, or stop; counted in the report.")
     split: str = Field("train", description="Split to read from a hub dataset or dataset folder.")
     columns: dict[str, str] = Field(default_factory=dict, description="Rename columns: {name in file: name used in templates}.")
     prompt_template: str | None = Field(None, description="Format string over the row's columns, e.g. 'Q: {question}'; default '{input}' (SQuAD: context + question).")
@@ -78,6 +82,8 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (non-reentrant, DDP-safe).")
     deepspeed: str | dict[str, Any] | None = Field(None, description="DeepSpeed config (file path or inline dict); ZeRO-2 works with 4-bit.")
     dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes per Ray worker.")
+    packing: Literal["none", "padding_free"] = Field("none", description="padding_free: each batch is one row of its examples end to end, no padding (causal models; position ids keep them apart).")
+    group_by_length: bool = Field(False, description="Batch examples of similar length together: less padding (HF's length-grouped sampler).")
 
 
 class EvalConfig(Section):

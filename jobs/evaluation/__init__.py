@@ -22,7 +22,7 @@ import yaml
 from transformers import DataCollatorForSeq2Seq
 
 from jobs.config import RunConfig
-from jobs.data import DataError, encode, load_examples, split
+from jobs.data import DataError, encode, generation_prompt, load_examples, split
 from jobs.generate import Generation, generate
 from jobs.metrics import aggregate, metric_names, score
 from jobs.model import attach_adapter, load_base
@@ -78,6 +78,7 @@ def loss_and_perplexity(
         {k: v for k, v in encode(e, prompting, run.data).items() if k in ("input_ids", "attention_mask", "labels")}
         for e in examples
     ]
+    encoded = [e for e in encoded if e["input_ids"]]  # a conversation the template cannot render has no tokens
     total_loss, total_tokens = 0.0, 0
     model.eval()
     with torch.no_grad():
@@ -102,7 +103,7 @@ def task_metrics(
 ) -> tuple[list[Generation], list[dict[str, float]], dict[str, float]]:
     """Generate for every example and score it; failures count as 0 and are counted."""
     schema = json_schema(run)
-    generations = generate(model, prompting, [e["prompt"] for e in examples], run.data, run.eval, desc=desc)
+    generations = generate(model, prompting, [generation_prompt(e) for e in examples], run.data, run.eval, desc=desc)
     per_example = [
         score(g.text, e["references"], run.eval.metrics, schema) for g, e in zip(generations, examples, strict=True)
     ]
@@ -151,6 +152,7 @@ def write_predictions(path: Path, examples: list[dict[str, Any]], results: dict[
                 "input": example["prompt"],
                 "prediction": primary.generations[i].text,
                 "references": example["references"],
+                **({"messages": generation_prompt(example)} if example.get("conversation") else {}),
                 "model": primary.label,
                 "error": primary.generations[i].error,
                 "metrics": primary.per_example[i],

@@ -17,6 +17,7 @@ import httpx
 
 from jobs import storage
 from jobs.config import RunConfig, load_config
+from jobs.data import generation_prompt
 from jobs.evaluation import eval_examples, run_eval
 from jobs.prompting import Prompting
 
@@ -85,8 +86,10 @@ def smoke_request(endpoint: str, name: str, run: RunConfig, api_key: str | None)
         "temperature": 0,
         "stop": run.eval.stop[:4] or None,
     }
+    asked = generation_prompt(example)  # a conversation's turns go as they are
+    messages = asked if isinstance(asked, list) else [{"role": "user", "content": asked}]
     route, body = (
-        ("/chat/completions", {**limits, "messages": [{"role": "user", "content": example["prompt"]}]})
+        ("/chat/completions", {**limits, "messages": messages})
         if use_chat
         else ("/completions", {**limits, "prompt": example["prompt"]})
     )
@@ -124,7 +127,7 @@ def pipeline(run: RunConfig) -> PipelineOutcome:
     serving = fitted.run.model_copy(
         update={"serve": run.serve.model_copy(update={"adapters": {**run.serve.adapters, name: source}})}
     )
-    endpoint = serve_app.deploy(serving)
+    endpoint = serve_app.deploy(serving).url
     smoke = smoke_request(endpoint, name, fitted.run, serving.serve.bearer_token())
     told = [fitted.summary_md, evaluated.summary_md, smoke_summary(smoke, name)]
     return PipelineOutcome(

@@ -24,10 +24,16 @@ import ray
 import ray.train
 import ray.train.torch
 from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from jobs import adapter, cluster, report, storage
-from jobs.config import RunConfig, dump_config, read_deepspeed
+from jobs.config import ConfigError, RunConfig, dump_config, problem, read_deepspeed
 from jobs.data import PreparedData, prepare
 from jobs.evaluation import task_metrics
 from jobs.model import load_for_training, load_tokenizer, parameter_counts
@@ -173,7 +179,38 @@ def training_arguments(run: RunConfig, output_dir: str, has_eval: bool) -> Train
         # LoRA leaves most of the graph frozen; scanning for unused parameters only costs time.
         ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="non_padding",
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         report_to="none",
+    )
+
+
+def collator(run: RunConfig, prompting: Prompting):
+    """Padded batches, or (training.packing: padding_free) each batch as one row of its examples end to end:
+    position ids restart at every example, so attention and the loss stay inside it (sdpa/eager with the KV cache
+    off, as in training: tests/test_packing.py checks the loss equals the padded batch's)."""
+    if run.training.packing == "padding_free":
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return DataCollatorForSeq2Seq(prompting.tokenizer, label_pad_token_id=-100)
+
+
+def check_packing(run: RunConfig, kind: str) -> None:
+    """Before Ray starts: padding-free batches need a decoder-only model implemented by transformers itself."""
+    if run.training.packing != "padding_free":
+        return
+    if kind == "seq2seq":
+        why = f"{run.model.name} is an encoder-decoder model; packing concatenates decoder-only examples"
+    elif run.model.trust_remote_code:
+        why = "the model's own remote code may not separate packed examples by position ids"
+    else:
+        return
+    raise ConfigError(
+        [
+            problem(
+                "training.packing",
+                "padding_free",
+                f"{why}; use training.packing: none (training.group_by_length: true also cuts padding)",
+            )
+        ]
     )
 
 
@@ -204,7 +241,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         args=training_arguments(run, str(workdir / "hf"), data.eval is not None),
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=DataCollatorForSeq2Seq(prompting.tokenizer, label_pad_token_id=-100),
+        data_collator=collator(run, prompting),
         processing_class=prompting.tokenizer,
         callbacks=[
             RunInfoCallback(parameter_counts(model), resumed=resumed),
@@ -276,6 +313,7 @@ def train(run: RunConfig) -> TrainOutcome:
     started = time.time()
     output_dir = Path(run.training.output_dir).resolve()
     prompting = Prompting.load(run.model)
+    check_packing(run, prompting.kind)
     data = prepare(run.data, prompting)
     with tempfile.TemporaryDirectory(prefix="lorafleet-check-") as scratch:
         training_arguments(run, scratch, data.eval is not None)  # HF's own checks, before Ray starts
