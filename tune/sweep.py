@@ -22,7 +22,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-from jobs import cluster, storage
+from jobs import cluster, storage, tracking
 from jobs.config import (
     ConfigError,
     RunConfig,
@@ -118,7 +118,7 @@ def _train_runs(run: RunConfig, sweep_dir: Path) -> str:
     return str(sweep_dir / TRAIN_RUNS)
 
 
-def _trainable(p: SweepPlan, sweep_dir: Path):
+def _trainable(p: SweepPlan, sweep_dir: Path, tracked: tracking.Tracking | None):
     t = p.run.tune
     fn = tune.with_parameters(
         run_trial,
@@ -127,6 +127,8 @@ def _trainable(p: SweepPlan, sweep_dir: Path):
         alpha_ratio=t.lora_alpha_ratio,
         storage=_train_runs(p.run, sweep_dir),
         score=(t.metric, t.resolved_mode()),
+        sweep_dir=str(sweep_dir),
+        tracked=tracked,
     )
     # The trial only drives its Train run, whose workers hold the CPUs/GPUs; it asks for memory
     # alone (Tune refuses an all-zero request), so a trial on a full node still gets its workers.
@@ -138,16 +140,16 @@ def trials_to_sample(t: TuneSection) -> int:
     return t.num_samples if t.search_alg != "grid" or "num_samples" in t.model_fields_set else 1
 
 
-def _tuner(p: SweepPlan, sweep_dir: Path, resume: bool) -> tune.Tuner:
+def _tuner(p: SweepPlan, sweep_dir: Path, resume: bool, tracked: tracking.Tracking | None) -> tune.Tuner:
     experiment = sweep_dir / EXPERIMENT
     if resume:
         # Finished and failed trials stay as they are; interrupted ones continue from their checkpoints.
         return tune.Tuner.restore(
-            str(experiment), trainable=_trainable(p, sweep_dir), resume_unfinished=True, resume_errored=False
+            str(experiment), trainable=_trainable(p, sweep_dir, tracked), resume_unfinished=True, resume_errored=False
         )
     t = p.run.tune
     return tune.Tuner(
-        _trainable(p, sweep_dir),
+        _trainable(p, sweep_dir, tracked),
         param_space=param_space(p.run),
         tune_config=tune.TuneConfig(
             metric=t.metric,
@@ -210,16 +212,31 @@ def write_results(
     return rows, summary, head
 
 
+def result_files(sweep_dir: Path) -> list[Path]:
+    """What the sweep's trackers get besides the best adapter."""
+    names = ("leaderboard.md", "leaderboard.csv", "curves.png", "sweep.json", SWEEP_CONFIG, "best/lineage.json")
+    return [sweep_dir / name for name in names]
+
+
 def sweep(run: RunConfig, resume: bool = False) -> SweepOutcome:
     """Check, sweep, write results: the whole job, top to bottom."""
     started = time.time()
     sweep_dir = Path(run.tune.output_dir).resolve()
     p = plan(run)
     _prepare_dir(p.run, sweep_dir, resume)  # sweep.yaml with absolute paths: --resume works from any folder
+    tracked = tracking.resumed(sweep_dir) if resume else tracking.start(p.run, sweep_dir, kind="sweep")
+    tracking.save(tracked, sweep_dir)
     cluster.connect(run.ray.address)
-    tuner = _tuner(p, sweep_dir, resume)
-    tuner.fit()
+    tuner = _tuner(p, sweep_dir, resume, tracked)
+    try:
+        tuner.fit()
+    except BaseException:
+        tracking.finish(tracked, [sweep_dir / SWEEP_CONFIG], failed=True)
+        raise
     rows, summary, head = write_results(p, sweep_dir, time.time() - started)
+    tracking.close_unfinished_trials(tracked)
+    best_adapter = sweep_dir / "best" / "adapter" if p.run.tracking.log_adapter else None
+    tracking.finish(tracked, result_files(sweep_dir), best_adapter, summary)
     published = storage.publish(sweep_dir, run.ray.storage_path, skip=(TRAIN_RUNS, EXPERIMENT))
     return SweepOutcome(sweep_dir=sweep_dir, rows=rows, summary=summary, summary_md=head, published=published)
 

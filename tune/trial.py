@@ -8,11 +8,13 @@ checkpoint instead of starting over.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from jobs import tracking
 from jobs.cluster import RunPlacement
 from jobs.data import prepare
 from jobs.prompting import Prompting
@@ -28,10 +30,17 @@ def run_trial(
     alpha_ratio: float | None,
     storage: str,
     score: tuple[str, str],
+    sweep_dir: str,
+    tracked: tracking.Tracking | None,
 ) -> None:
     run = trial_config(base, params, targets, alpha_ratio)
+    trial_id = ray.tune.get_context().get_trial_id()
     prompting = Prompting.load(run.model)
-    placement = RunPlacement(
-        name=ray.tune.get_context().get_trial_id(), storage_path=storage, callbacks=(TuneReportCallback(),), score=score
-    )
-    fit(run, prepare(run.data, prompting), prompting, placement)
+    placement = RunPlacement(name=trial_id, storage_path=storage, callbacks=(TuneReportCallback(),), score=score)
+    child = tracking.start(run, Path(sweep_dir), kind="trial", parent=tracked, trial=trial_id)
+    try:
+        result = fit(run, prepare(run.data, prompting), prompting, placement, tracked=child)
+    except BaseException:
+        tracking.finish(child, [], failed=True)
+        raise
+    tracking.finish(child, [], summary=result.metrics)

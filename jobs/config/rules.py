@@ -201,6 +201,22 @@ def _rule_serve_batches_can_fill(cfg: RunConfig) -> str | None:
     return None
 
 
+def _rule_tracking_uri_without_credentials(cfg: RunConfig) -> str | None:
+    uri = cfg.tracking.mlflow_tracking_uri or ""
+    scheme, sep, rest = uri.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        shown = f"{scheme}://***@{rest.split('@', 1)[1]}"  # never echo the credentials
+        return problem("tracking.mlflow_tracking_uri", shown, "credentials in the URI would be saved with the run's config; put them in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) and drop them from the URI")
+    return None
+
+
+def _rule_tracking_packages(cfg: RunConfig) -> str | None:
+    missing = [name for name in cfg.tracking.backends if importlib.util.find_spec(name) is None]
+    if missing:
+        return problem("tracking.backends", cfg.tracking.backends, f"{', '.join(missing)} not installed: pip install -e '.[tracking]', or drop {', '.join(missing)} from tracking.backends")
+    return None
+
+
 def _rule_search_space(cfg: RunConfig) -> list[str]:
     """Every searched key exists, and every candidate value makes a valid config."""
     problems = []
@@ -230,6 +246,8 @@ def _rule_search_space(cfg: RunConfig) -> list[str]:
 
 CROSS_FIELD_RULES = (
     _rule_roles,
+    _rule_tracking_uri_without_credentials,
+    _rule_tracking_packages,
     _rule_serve_adapters,
     _rule_serve_replicas,
     _rule_serve_token_limits,

@@ -245,6 +245,16 @@ class ServeSection(Section):
         return self.api_key.get_secret_value() if self.api_key else os.environ.get(self.api_key_env) or None
 
 
+class TrackingSection(Section):
+    backends: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list, description="Experiment trackers each training run and sweep writes to, any combination (empty: the run report only).")
+    run_name: str | None = Field(None, description="The run's name in the trackers; default: the output folder's name (a sweep's trials are named by trial id).")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking server or store; default: MLFLOW_TRACKING_URI, else MLflow's own default. Credentials only via MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN.")
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment; default: MLFLOW_EXPERIMENT_NAME, else 'lorafleet'.")
+    wandb_project: str | None = Field(None, description="W&B project; default: WANDB_PROJECT, else 'lorafleet'. The API key only via WANDB_API_KEY or `wandb login`.")
+    wandb_mode: Literal["online", "offline"] | None = Field(None, description="W&B mode; default: WANDB_MODE, else online (offline writes runs under the output folder for `wandb sync`).")
+    log_adapter: bool = Field(True, description="Upload the exported adapter (a sweep: the best one) as an artifact with the report and plots.")
+
+
 class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig, description="bitsandbytes quantization of the frozen base.")
@@ -255,6 +265,7 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Generation and task metrics for evaluation.")
     tune: TuneSection = Field(default_factory=TuneSection, description="Ray Tune sweep (lorafleet sweep): search space, metric, scheduler.")
     serve: ServeSection = Field(default_factory=ServeSection, description="Ray Serve deployment (lorafleet serve): adapters, batching, autoscaling, API limits.")
+    tracking: TrackingSection = Field(default_factory=TrackingSection, description="Experiment tracking (MLflow, TensorBoard, W&B) of training runs and sweeps.")
 
     @property
     def is_sweep(self) -> bool:

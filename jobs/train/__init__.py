@@ -32,7 +32,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from jobs import adapter, cluster, report, storage
+from jobs import adapter, cluster, report, storage, tracking
 from jobs.config import ConfigError, RunConfig, dump_config, problem, read_deepspeed
 from jobs.data import PreparedData, prepare
 from jobs.evaluation import task_metrics
@@ -93,10 +93,11 @@ class RunInfoCallback(TrainerCallback):
 
 class TaskMetricsCallback(TrainerCallback):
     """At each evaluation, rank 0 generates for a sample of the validation set and adds the task
-    metrics (eval_f1, eval_rougeL, ...) to that evaluation's log, so Ray and a sweep see them."""
+    metrics (eval_f1, eval_rougeL, ...) to that evaluation's log, so Ray and a sweep see them. The
+    Trainer logs an evaluation before `on_evaluate`, so the trackers' callbacks get them from here."""
 
-    def __init__(self, run: RunConfig, examples: list[dict[str, Any]], prompting: Prompting):
-        self.run, self.examples, self.prompting = run, examples, prompting
+    def __init__(self, run: RunConfig, examples: list[dict[str, Any]], prompting: Prompting, trackers: list):
+        self.run, self.examples, self.prompting, self.trackers = run, examples, prompting, trackers
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
         if not self.examples or ray.train.get_context().get_world_rank() != 0:
@@ -105,6 +106,8 @@ class TaskMetricsCallback(TrainerCallback):
         extra = {f"eval_{name}": value for name, value in scores.items()}
         state.log_history[-1].update(extra)  # the evaluation entry the Trainer just logged
         metrics.update(extra)
+        for tracker in self.trackers:
+            tracker.on_log(args, state, control, logs=extra)
 
 
 class FinalEvaluationCallback(TrainerCallback):
@@ -236,6 +239,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="lorafleet-worker-"))
     resume_dir = _local_resume_dir(workdir)
     resumed = resume_dir is not None
+    # One tracked run per job: only rank 0 writes to it.
+    trackers = tracking.worker_callbacks(config["tracking"]) if ray.train.get_context().get_world_rank() == 0 else []
     trainer = Trainer(
         model=model,
         args=training_arguments(run, str(workdir / "hf"), data.eval is not None),
@@ -245,21 +250,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         processing_class=prompting.tokenizer,
         callbacks=[
             RunInfoCallback(parameter_counts(model), resumed=resumed),
-            TaskMetricsCallback(run, data.eval_examples[: run.eval.during_training_samples], prompting),
+            TaskMetricsCallback(run, data.eval_examples[: run.eval.during_training_samples], prompting, trackers),
             FinalEvaluationCallback(),
             FaultInjectionCallback(resumed=resumed),
             RayTrainReportCallback(),
+            *trackers,
         ],
     )
     trainer = prepare_trainer(trainer)
     try:
         trainer.train(resume_from_checkpoint=resume_dir)
     finally:
+        if trackers:
+            tracking.worker_done(config["tracking"])
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def fit(
-    run: RunConfig, data: PreparedData, prompting: Prompting, placement: cluster.RunPlacement | None = None
+    run: RunConfig,
+    data: PreparedData,
+    prompting: Prompting,
+    placement: cluster.RunPlacement | None = None,
+    tracked: tracking.Tracking | None = None,
 ) -> ray.train.Result:
     cluster.connect(run.ray.address)
     run_json = run.model_dump(mode="json")
@@ -273,6 +285,7 @@ def fit(
             "data": ray.put(data),
             "kind": prompting.kind,
             "use_chat": prompting.use_chat,
+            "tracking": tracked,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=run.ray.num_workers, use_gpu=run.ray.use_gpu, resources_per_worker=run.ray.resources_per_worker
@@ -308,6 +321,12 @@ def export(result: ray.train.Result, run: RunConfig, output_dir: Path, has_eval:
     return adapter_dir, info
 
 
+def report_files(output_dir: Path) -> list[Path]:
+    """What a run's trackers get besides the adapter: the report, its plots, the metrics and the config."""
+    named = [output_dir / name for name in ("report.md", "metrics.json", "config.yaml")]
+    return named + sorted(output_dir.glob("*.png"))
+
+
 def train(run: RunConfig) -> TrainOutcome:
     """Setup, train, save, clean up: the whole job, top to bottom."""
     started = time.time()
@@ -319,9 +338,14 @@ def train(run: RunConfig) -> TrainOutcome:
         training_arguments(run, scratch, data.eval is not None)  # HF's own checks, before Ray starts
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(dump_config(run))
+    tracked = tracking.start(run, output_dir)  # an unreachable tracker fails here, before Ray starts
 
     fit_started = time.time()
-    result = fit(run, data, prompting)  # raises ray.train.TrainingFailedError once max_failures is spent
+    try:
+        result = fit(run, data, prompting, tracked=tracked)  # raises TrainingFailedError once max_failures is spent
+    except BaseException:
+        tracking.finish(tracked, [output_dir / "config.yaml"], failed=True)
+        raise
     fit_seconds = time.time() - fit_started
 
     adapter_dir, info = export(result, run, output_dir, data.eval is not None)
@@ -336,5 +360,6 @@ def train(run: RunConfig) -> TrainOutcome:
         json.dumps({**metrics, "data": data.report, "log_history": info["log_history"]}, indent=2)
     )
     report.write(output_dir, run, metrics, data.report, info["log_history"])
+    tracking.finish(tracked, report_files(output_dir), adapter_dir if run.tracking.log_adapter else None, metrics)
     published = storage.publish(output_dir, run.ray.storage_path)
     return TrainOutcome(output_dir=output_dir, adapter_dir=adapter_dir, metrics=metrics, published=published)
