@@ -3,7 +3,8 @@ tracked into it (one parent run, one child per trial), and headless Chromium pho
 
     python bench/tracking_screenshot.py [--out docs/mlflow-sweep.png] [--steps 6]
 
-Needs Debian's chromium (`apt-get install chromium`); everything stays on 127.0.0.1.
+Needs Debian's chromium (`apt-get install chromium`) and `pip install playwright` (driving that
+browser: no browser download); everything stays on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from jobs.config import load_config  # noqa: E402
 from tests.subprocesses import free_port  # noqa: E402
 from tune.sweep import sweep  # noqa: E402
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
 
 
 def start_server(root: Path) -> tuple[subprocess.Popen, str]:
@@ -43,12 +44,20 @@ def start_server(root: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("mlflow server did not start:\n" + (root / "server.log").read_text())
 
 
-def screenshot(url: str, out: Path, profile: Path) -> None:
-    cmd = ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1600,900",
-           "--virtual-time-budget=20000", f"--screenshot={out}", url]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    if done.returncode != 0 or not out.is_file():
-        raise SystemExit(f"chromium failed ({done.returncode}):\n{done.stderr[-3000:]}")
+def screenshot(url: str, out: Path) -> None:
+    """The runs page in chart mode, the sweep's parent run expanded to show its trials."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 900})
+        page.goto(url)
+        page.wait_for_timeout(5000)
+        page.get_by_role("button", name="Close").first.click()  # the assistant side panel
+        page.locator('button[data-component-id$="runnamecellrenderer.tsx_46"]').first.click()  # expand the parent
+        page.wait_for_timeout(4000)
+        page.screenshot(path=str(out))
+        browser.close()
 
 
 def main() -> None:
@@ -72,7 +81,7 @@ def main() -> None:
 
         experiment = MlflowClient(url).get_experiment_by_name("demo-sweep")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        screenshot(f"{url}/#/experiments/{experiment.experiment_id}?compareRunsMode=CHART", args.out, work / "chromium")
+        screenshot(f"{url}/#/experiments/{experiment.experiment_id}/runs?compareRunsMode=CHART", args.out)
         print(f"screenshot: {args.out} ({args.out.stat().st_size} bytes)")
     finally:
         server.terminate()

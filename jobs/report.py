@@ -39,6 +39,7 @@ def summarize(log_history: list[dict[str, Any]], fit_seconds: float, total_secon
         "ray_fit_s": round(fit_seconds, 1),
         "job_total_s": round(total_seconds, 1),
         "resumed_from_steps": [e["resumed_from_step"] for e in log_history if "resumed_from_step" in e],
+        "worker_nodes": [e["worker_nodes"] for e in log_history if "worker_nodes" in e],  # one list per attempt
         "trainable_parameters": counts.get("trainable_parameters"),
         "total_parameters": counts.get("total_parameters"),
     }
@@ -147,7 +148,7 @@ def write(output_dir: Path, run: RunConfig, metrics: dict[str, Any], data: dict[
                                           ("Precision", t.precision), ("Gradient checkpointing", t.gradient_checkpointing), ("Seed", t.seed)]),
         "## Data\n\n" + _data_section(data),
         "## Loss curve\n\n![loss](loss.png)\n\n" + _loss_table(log_history),
-        "## Key metrics\n\n" + _table([("Steps", metrics["steps"]), ("First / final training loss", f"{fmt(metrics['first_train_loss'])} -> {fmt(metrics['final_train_loss'])}"),
+        "## Key metrics\n\n" + _table([("Steps", metrics["steps"]), ("Ray nodes the workers ran on (per attempt)", ", ".join(str(len(set(n))) for n in metrics.get("worker_nodes", [])) or None), ("First / final training loss", f"{fmt(metrics['first_train_loss'])} -> {fmt(metrics['final_train_loss'])}"),
                                        ("First / final validation loss", f"{fmt(metrics['first_eval_loss'])} -> {fmt(metrics['final_eval_loss'])}"),
                                        ("Best validation loss (step)", f"{fmt(metrics['best_eval_loss'])} ({fmt(metrics['best_eval_step'])})"),
                                        ("Adapter exported from step", metrics.get("chosen_step")),

@@ -33,6 +33,7 @@ log = logging.getLogger("lorafleet.tracking")
 DEFAULT_EXPERIMENT = "lorafleet"
 TRIAL_TAG = "lorafleet.trial"
 SAVED = "tracking.json"
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}  # MLflow's UI opens on training runs, not GenAI
 MLFLOW_PARAM_CHARS = 6000  # MLflow's limit on one parameter value
 MLFLOW_BATCH = 100  # parameters per log_batch call
 
@@ -127,7 +128,9 @@ def _mlflow_start(t: Tracking, run: RunConfig, parent: Tracking | None, trial: s
         else:
             name = run.tracking.mlflow_experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
             found = client.get_experiment_by_name(name)
-            t.mlflow_experiment_id = found.experiment_id if found else client.create_experiment(name)
+            t.mlflow_experiment_id = (
+                found.experiment_id if found else client.create_experiment(name, tags=EXPERIMENT_TAGS)
+            )
         t.mlflow_run_id = _existing_trial_run(client, t, parent, trial) or _new_run(client, t, parent, trial)
         params = [Param(key, value[:MLFLOW_PARAM_CHARS]) for key, value in t.params.items()]
         for start in range(0, len(params), MLFLOW_BATCH):

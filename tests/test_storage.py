@@ -14,31 +14,7 @@ import pytest
 
 from jobs import storage
 from jobs.config import load_config
-
-BUCKET = "lorafleet-test"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A local S3 endpoint (moto) that pyarrow, Ray and Serve replicas reach through AWS_ENDPOINT_URL."""
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "LORAFLEET_CACHE": str(tmp_path_factory.mktemp("cache"))}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    yield f"s3://{BUCKET}"
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+from tests.conftest import BUCKET
 
 
 def _remote_files(uri: str) -> set[str]:

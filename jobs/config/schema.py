@@ -106,6 +106,7 @@ class RayConfig(Section):
     num_workers: int = Field(1, gt=0, description="Ray Train workers (one process and one device each).")
     use_gpu: bool = Field(False, description="Give each worker one GPU.")
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1}, description="Ray resources per worker, e.g. {CPU: 4, GPU: 1}.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description="How the workers' bundles spread over nodes: STRICT_SPREAD puts each on its own node; PACK fills one node first.")
     storage_path: str = Field("runs/ray", description="Checkpoints; with an s3:// or gs:// URI also a copy of each finished output folder.")
     max_failures: int = Field(0, ge=-1, description="Worker failures to recover from by resuming the latest checkpoint (-1: unlimited).")
     name: str | None = Field(None, description="Run name in storage; default: the output folder's name.")

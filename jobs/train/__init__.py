@@ -23,6 +23,7 @@ from typing import Any
 import ray
 import ray.train
 import ray.train.torch
+import torch
 from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 from transformers import (
     DataCollatorForSeq2Seq,
@@ -77,18 +78,36 @@ class TrainOutcome:
 
 
 class RunInfoCallback(TrainerCallback):
-    """Records parameter counts, and every resume after a failure, in the trainer state's log history."""
+    """Records parameter counts, the Ray node of each rank, and every resume after a failure, in the
+    trainer state's log history."""
 
-    def __init__(self, counts: dict[str, int], resumed: bool):
-        self.counts, self.resumed = counts, resumed
+    def __init__(self, counts: dict[str, int], resumed: bool, nodes: list[str]):
+        self.counts, self.resumed, self.nodes = counts, resumed, nodes
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not any("trainable_parameters" in entry for entry in state.log_history):
             state.log_history.append(
-                {"step": 0, "trainable_parameters": self.counts["trainable"], "total_parameters": self.counts["total"]}
+                {
+                    "step": 0,
+                    "trainable_parameters": self.counts["trainable"],
+                    "total_parameters": self.counts["total"],
+                    "worker_nodes": self.nodes,
+                }
             )
         if self.resumed:
-            state.log_history.append({"step": state.global_step, "resumed_from_step": state.global_step})
+            state.log_history.append(
+                {"step": state.global_step, "resumed_from_step": state.global_step, "worker_nodes": self.nodes}
+            )
+
+
+def worker_nodes() -> list[str]:
+    """Every rank's Ray node id, in rank order: where this attempt's workers run."""
+    node = ray.get_runtime_context().get_node_id()
+    if not torch.distributed.is_initialized():
+        return [node]
+    gathered: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, node)
+    return gathered
 
 
 class TaskMetricsCallback(TrainerCallback):
@@ -249,7 +268,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         data_collator=collator(run, prompting),
         processing_class=prompting.tokenizer,
         callbacks=[
-            RunInfoCallback(parameter_counts(model), resumed=resumed),
+            RunInfoCallback(parameter_counts(model), resumed=resumed, nodes=worker_nodes()),
             TaskMetricsCallback(run, data.eval_examples[: run.eval.during_training_samples], prompting, trackers),
             FinalEvaluationCallback(),
             FaultInjectionCallback(resumed=resumed),
@@ -288,7 +307,10 @@ def fit(
             "tracking": tracked,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=run.ray.num_workers, use_gpu=run.ray.use_gpu, resources_per_worker=run.ray.resources_per_worker
+            num_workers=run.ray.num_workers,
+            use_gpu=run.ray.use_gpu,
+            resources_per_worker=run.ray.resources_per_worker,
+            placement_strategy=run.ray.placement_strategy,
         ),
         run_config=cluster.train_run_config(
             run, data.eval is not None, placement or cluster.RunPlacement(), passed=(FAIL_AT_ENV,)
