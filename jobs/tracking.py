@@ -199,7 +199,7 @@ def start(
     t = Tracking(backends=backends, name=name, kind=kind, params=flat_params(run, sweep=kind == "sweep"))
     if "mlflow" in backends:
         _mlflow_start(t, run, parent, trial)
-    if "tensorboard" in backends:
+    if "tensorboard" in backends and kind != "sweep":  # a sweep's events are its trials'
         t.tensorboard_dir = str(out_dir / "tensorboard" / (trial or ""))
     if "wandb" in backends:
         _wandb_start(t, run, out_dir, parent, trial)

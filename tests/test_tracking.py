@@ -15,7 +15,7 @@ import yaml
 from jobs.config import ConfigError, load_config
 from jobs.train import train
 from tests.subprocesses import free_port
-from tests.wandb_records import history, run_info
+from tests.wandb_records import artifacts, history, run_info
 from tune.sweep import sweep
 
 SECRETS = {"MLFLOW_TRACKING_TOKEN": "mlflow-token-0123456789-do-not-log", "WANDB_API_KEY": "wandb0123456789abcdef0123456789abcdef012345"}
@@ -111,7 +111,7 @@ def _no_secret_in(folders):
 
 
 @pytest.mark.ray
-def test_a_two_worker_run_is_one_run_in_mlflow_tensorboard_and_wandb(tracked_ray, mlflow_server, tiny_causal, tmp_path):
+def test_a_two_worker_run_is_one_run_in_mlflow_tensorboard_and_wandb(tracked_ray, mlflow_server, tiny_causal, tmp_path, capfd):
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -140,8 +140,8 @@ def test_a_two_worker_run_is_one_run_in_mlflow_tensorboard_and_wandb(tracked_ray
     assert _metric_steps(client, run_id, "learning_rate") == [2, 4, 6, 8]
     tokens = [m.value for m in client.get_metric_history(run_id, "num_input_tokens_seen")]
     assert len(tokens) >= 4 and tokens == sorted(tokens) and tokens[0] > 0
-    artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "adapter")}
-    assert {"report.md", "loss.png", "metrics.json", "config.yaml", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= artifacts
+    stored = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "adapter")}
+    assert {"report.md", "loss.png", "metrics.json", "config.yaml", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= stored
 
     events = EventAccumulator(str(out / "tensorboard")).Reload()
     scalars = events.Tags()["scalars"]
@@ -159,8 +159,13 @@ def test_a_two_worker_run_is_one_run_in_mlflow_tensorboard_and_wandb(tracked_ray
     assert [r["train/global_step"] for r in rows if "eval/rougeL" in r] == [4, 8]
     config = run_info(files[0])["config"]
     assert config["lora.r"] == "4"
+    logged = {name: found for f in files for name, found in artifacts(f).items()}
+    assert {"report.md", "loss.png", "metrics.json"} <= logged["run-report"][1] and logged["run-report"][0] == "report"
+    assert "adapter_model.safetensors" in logged["run-adapter"][1] and logged["run-adapter"][0] == "model"
 
     _no_secret_in([out, server_root, Path("/tmp/ray/session_latest/logs")])
+    printed = capfd.readouterr()
+    assert not [name for name, value in SECRETS.items() if value in printed.out + printed.err]
 
 
 @pytest.mark.ray
@@ -175,7 +180,7 @@ def test_a_sweep_is_a_parent_run_with_one_child_per_trial(tracked_ray, mlflow_se
         "ray": {"resources_per_worker": {"CPU": 1}, "storage_path": str(tmp_path / "ray")},
         "tune": {"output_dir": str(tmp_path / "sweep"), "search_alg": "grid", "scheduler": "fifo", "max_concurrent_trials": 2,
                  "space": {"training.learning_rate": {"grid": [5e-3, 1e-4]}}},
-        "tracking": {"backends": ["mlflow", "tensorboard"], "mlflow_tracking_uri": url, "mlflow_experiment": "sweeps"},
+        "tracking": {"backends": ["mlflow", "tensorboard", "wandb"], "mlflow_tracking_uri": url, "mlflow_experiment": "sweeps", "wandb_mode": "offline"},
     }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -194,7 +199,15 @@ def test_a_sweep_is_a_parent_run_with_one_child_per_trial(tracked_ray, mlflow_se
         assert child.info.status == "FINISHED"
         assert _metric_steps(client, child.info.run_id, "eval_loss") == [3, 6]
     assert parent.data.params["tune.metric"] == "eval_loss"
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {a.path for a in client.list_artifacts(parent.info.run_id, "adapter")}
-    assert {"leaderboard.md", "leaderboard.csv", "curves.png", "adapter/adapter_model.safetensors"} <= artifacts
+    stored = {a.path for a in client.list_artifacts(parent.info.run_id)} | {a.path for a in client.list_artifacts(parent.info.run_id, "adapter")}
+    assert {"leaderboard.md", "leaderboard.csv", "curves.png", "adapter/adapter_model.safetensors"} <= stored
+    # W&B: the trials share the group named after the sweep; the sweep's own run holds the leaderboard and best adapter.
+    runs_by_file = {f: run_info(f) for f in (outcome.sweep_dir / "wandb").glob("offline-run-*/run-*.wandb")}
+    trials = [info for info in runs_by_file.values() if info["job_type"] == "trial"]
+    assert len({info["id"] for info in trials}) == 2 and {info["group"] for info in runs_by_file.values()} == {"sweep"}
+    assert all(history(f) for f, info in runs_by_file.items() if info["job_type"] == "trial")
+    sweep_files = [f for f, info in runs_by_file.items() if info["job_type"] == "sweep"]
+    logged = {name: found for f in sweep_files for name, found in artifacts(f).items()}
+    assert {"leaderboard.md", "curves.png"} <= logged["sweep-report"][1] and "adapter_model.safetensors" in logged["sweep-adapter"][1]
     trial_dirs = sorted(p.name for p in (outcome.sweep_dir / "tensorboard").iterdir())
     assert len(trial_dirs) == 2 and all(list((outcome.sweep_dir / "tensorboard" / d).glob("events.out.tfevents.*")) for d in trial_dirs)

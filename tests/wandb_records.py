@@ -56,3 +56,12 @@ def run_info(path: Path) -> dict:
             config = {item.key: json.loads(item.value_json) for item in run.config.update}
             return {"id": run.run_id, "group": run.run_group, "job_type": run.job_type, "config": config}
     raise AssertionError(f"no run record in {path}")
+
+
+def artifacts(path: Path) -> dict[str, tuple[str, set[str]]]:
+    """Artifacts logged in the run file: name -> (type, file paths in its manifest)."""
+    return {
+        record.artifact.name: (record.artifact.type, {entry.path for entry in record.artifact.manifest.contents})
+        for record in records(path)
+        if record.WhichOneof("record_type") == "artifact"
+    }
