@@ -43,6 +43,26 @@ def test_parameters_are_the_resolved_config_without_the_serve_key():
     assert "tune.metric" not in params and "tune.metric" in flat_params(run, sweep=True)
 
 
+def test_a_retried_trial_and_a_resumed_sweep_write_on_in_their_own_runs(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from jobs import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = load_config(None, ["tracking.backends=[mlflow]", f"tracking.mlflow_tracking_uri={uri}", "tracking.mlflow_experiment=resume"])
+    parent = tracking.start(run, tmp_path / "sweep", kind="sweep")
+    tracking.save(parent, tmp_path)
+    first = tracking.start(run, tmp_path / "sweep", kind="trial", parent=parent, trial="abc_00000")
+    again = tracking.start(run, tmp_path / "sweep", kind="trial", parent=tracking.resumed(tmp_path), trial="abc_00000")
+    other = tracking.start(run, tmp_path / "sweep", kind="trial", parent=parent, trial="abc_00001")
+    assert again.mlflow_run_id == first.mlflow_run_id != other.mlflow_run_id
+    assert tracking.resumed(tmp_path) == parent
+    client = MlflowClient(uri)
+    assert len(client.search_runs([parent.mlflow_experiment_id])) == 3
+    tracking.close_unfinished_trials(parent)
+    assert {client.get_run(r.mlflow_run_id).info.status for r in (first, other)} == {"FINISHED"}
+
+
 def test_an_unreachable_mlflow_server_is_a_config_error_before_ray_starts(tiny_causal, tmp_path):
     port = free_port()  # nothing listens there
     run = load_config(None, _overrides(tiny_causal, tmp_path / "out", "tracking.backends=[mlflow]", f"tracking.mlflow_tracking_uri=http://127.0.0.1:{port}"))
