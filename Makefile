@@ -40,6 +40,8 @@ test-fast: setup  ## unit tier only: no Ray, no real model
 
 bench: model
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/train_throughput.py --packing
+	$(BIN)/python bench/data_scale.py
 	$(BIN)/python bench/cpu_4bit_kernels.py
 	$(BIN)/python bench/sweep_efficiency.py
 	$(BIN)/python bench/serve_load.py
