@@ -70,9 +70,20 @@ class Tracking:
             }
         if self.tensorboard_dir:
             env["TENSORBOARD_LOGGING_DIR"] = self.tensorboard_dir
-        if self.wandb_id:
-            env |= {"WANDB_PROJECT": self.wandb_project, "WANDB_MODE": self.wandb_mode, "WANDB_DIR": self.wandb_dir}
         return env
+
+    def wandb_run(self) -> dict[str, Any]:
+        """`wandb.init` arguments of this W&B run: the rank-0 worker opens it, the driver reopens it for artifacts."""
+        return {
+            "id": self.wandb_id,
+            "name": self.name,
+            "group": self.wandb_group,
+            "project": self.wandb_project,
+            "mode": self.wandb_mode,
+            "dir": self.wandb_dir,
+            "resume": "allow",
+            "job_type": self.kind,
+        }
 
 
 def flat_params(run: RunConfig, sweep: bool = False) -> dict[str, str]:
@@ -225,17 +236,7 @@ def worker_callbacks(t: Tracking | None) -> list:
         import wandb
 
         # Opened here, not by the callback, so the run has our id, group and config (the callback adds its own).
-        wandb.init(
-            id=t.wandb_id,
-            name=t.name,
-            group=t.wandb_group,
-            project=t.wandb_project,
-            mode=t.wandb_mode,
-            dir=t.wandb_dir,
-            config=t.params,
-            resume="allow",
-            job_type=t.kind,
-        )
+        wandb.init(**t.wandb_run(), config=t.params)
         callbacks.append(WandbCallback())
     return callbacks
 
@@ -279,16 +280,7 @@ def _mlflow_finish(t: Tracking, files: list[Path], adapter_dir: Path | None, fai
 def _wandb_finish(t: Tracking, files: list[Path], adapter_dir: Path | None, summary: dict[str, Any]) -> None:
     import wandb
 
-    with wandb.init(
-        id=t.wandb_id,
-        name=t.name,
-        group=t.wandb_group,
-        project=t.wandb_project,
-        mode=t.wandb_mode,
-        dir=t.wandb_dir,
-        resume="allow",
-        job_type=t.kind,
-    ) as wb:
+    with wandb.init(**t.wandb_run()) as wb:
         wb.summary.update({key: value for key, value in summary.items() if isinstance(value, (int, float, str))})
         report = wandb.Artifact(f"{t.name}-report", type="report")
         for path in files:
