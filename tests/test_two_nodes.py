@@ -37,19 +37,28 @@ def cluster(s3):
     nodes.shutdown()
 
 
-def _checkpoints(uri: str) -> list[str]:
-    fs, root = pafs.FileSystem.from_uri(uri)
+def _registered_checkpoint(storage: str) -> str | None:
+    """The latest checkpoint Ray Train's controller has registered (what a retry resumes from), read
+    from its snapshot in the run's folder on S3 (named `<ray.name>-<timestamp>`). A checkpoint's files
+    on S3 are not enough: the worker uploads them before reporting, and a node killed between the
+    two leaves a checkpoint the retry never sees."""
+    fs, root = pafs.FileSystem.from_uri(storage)
     found = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    return [info.path for info in found if info.path.endswith("checkpoint/trainer_state.json")]
+    for info in found:
+        if info.base_name == "checkpoint_manager_snapshot.json":
+            with fs.open_input_stream(info.path) as stream:
+                latest = json.loads(stream.read()).get("latest_checkpoint_result")
+            return latest and latest["checkpoint_dir_name"]
+    return None
 
 
 def _kill_after_first_checkpoint(nodes: Cluster, node, storage: str, events: dict) -> None:
-    """Kills `node` (raylet and every process on it) once a checkpoint is on S3, then starts a
+    """Kills `node` (raylet and every process on it) once a checkpoint is registered, then starts a
     replacement with `ray start --address` (Cluster.add_node installs signal handlers: main thread only)."""
     deadline = time.time() + 300
-    while time.time() < deadline and not _checkpoints(storage):
+    while time.time() < deadline and not _registered_checkpoint(storage):
         time.sleep(0.2)
-    events["checkpoints_at_kill"] = len(_checkpoints(storage))
+    events["checkpoint_at_kill"] = _registered_checkpoint(storage)
     nodes.remove_node(node, allow_graceful=False)
     events["killed"] = node.node_id
     ray_cli = str(Path(sys.executable).with_name("ray"))
