@@ -43,9 +43,10 @@ class BadRow:
     row: int
     field: str
     reason: str
+    file: str = ""  # set when data.path is a folder of files
 
     def __str__(self) -> str:
-        return f"row {self.row}: {self.field}: {self.reason}"
+        return f"{self.file + ' ' if self.file else ''}row {self.row}: {self.field}: {self.reason}"
 
 
 @dataclass
@@ -60,6 +61,10 @@ class PreparedData:
     eval: Dataset | None
     eval_examples: list[dict[str, Any]]
     report: dict[str, Any]
+
+    @property
+    def train_rows(self) -> int:
+        return len(self.train)
 
 
 def resolve_format(cfg: DataConfig) -> str:
@@ -105,29 +110,39 @@ def templates(cfg: DataConfig, fmt: str) -> tuple[str, str]:
 
 
 def _read_jsonl(path: Path) -> RawData:
-    data = RawData(rows=[])
     with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                data.bad.append(BadRow(number, "(line)", f"not UTF-8 ({exc.reason} at byte {exc.start})"))
-                continue
-            except json.JSONDecodeError as exc:
-                data.bad.append(BadRow(number, "(line)", f"not valid JSON ({exc.msg})"))
-                continue
-            if not isinstance(record, dict):
-                data.bad.append(BadRow(number, "(line)", f"a JSON {type(record).__name__}, expected an object"))
-                continue
-            data.rows.append((number, record))
+        return parse_jsonl(handle)
+
+
+def parse_jsonl(lines) -> RawData:
+    """JSONL lines (bytes) to rows numbered from 1; a line that is not a JSON object is a bad row."""
+    data = RawData(rows=[])
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            data.bad.append(BadRow(number, "(line)", f"not UTF-8 ({exc.reason} at byte {exc.start})"))
+            continue
+        except json.JSONDecodeError as exc:
+            data.bad.append(BadRow(number, "(line)", f"not valid JSON ({exc.msg})"))
+            continue
+        if not isinstance(record, dict):
+            data.bad.append(BadRow(number, "(line)", f"a JSON {type(record).__name__}, expected an object"))
+            continue
+        data.rows.append((number, record))
     return data
 
 
 def _read_squad(path: Path) -> RawData:
+    return parse_squad(path.read_bytes(), str(path))
+
+
+def parse_squad(content: bytes, path: str) -> RawData:
+    """A SQuAD v1.1 document to one row per question; an answer missing from its context is a bad row."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(content.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not a SQuAD v1.1 JSON file ({exc})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
@@ -173,20 +188,17 @@ def _read_squad(path: Path) -> RawData:
     return data
 
 
+def load_hf_dataset(cfg: DataConfig) -> Dataset:
+    """A dataset folder (`save_to_disk`) or a hub dataset id, at data.split."""
+    path = Path(cfg.path)
+    if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+        loaded = load_from_disk(str(path))
+        return loaded[cfg.split] if hasattr(loaded, "keys") else loaded
+    return load_dataset(cfg.path, split=cfg.split)
+
+
 def _read_table(fmt: str, cfg: DataConfig) -> RawData:
-    if fmt == "hf":
-        path = Path(cfg.path)
-        if (
-            (path / "dataset_info.json").exists()
-            or (path / "state.json").exists()
-            or (path / "dataset_dict.json").exists()
-        ):
-            loaded = load_from_disk(str(path))
-            dataset = loaded[cfg.split] if hasattr(loaded, "keys") else loaded
-        else:
-            dataset = load_dataset(cfg.path, split=cfg.split)
-    else:
-        dataset = load_dataset(fmt, data_files=cfg.path, split="train")
+    dataset = load_hf_dataset(cfg) if fmt == "hf" else load_dataset(fmt, data_files=cfg.path, split="train")
     return RawData(rows=[(i + 1, record) for i, record in enumerate(dataset)])
 
 
@@ -252,11 +264,18 @@ def _alpaca_example(number: int, record: dict[str, Any]):
     }, []
 
 
-def to_examples(raw: RawData, cfg: DataConfig, fmt: str) -> tuple[list[dict[str, Any]], list[BadRow], str]:
+def columns_of(raw: RawData, cfg: DataConfig) -> set[str]:
+    return {cfg.columns.get(k, k) for _, r in raw.rows for k in r}
+
+
+def to_examples(
+    raw: RawData, cfg: DataConfig, fmt: str, layout: str | None = None, columns: set[str] | None = None
+) -> tuple[list[dict[str, Any]], list[BadRow], str]:
     """Map rows to {id, prompt, target, references} (conversations also carry their messages); collect bad rows.
-    Returns the rows' layout too."""
-    columns = {cfg.columns.get(k, k) for _, r in raw.rows for k in r}
-    layout = resolve_layout(cfg, fmt, columns)
+    Returns the rows' layout too. A part of the data (Ray Data's batches) passes the layout and columns the
+    first rows decided, so every part is read the same way."""
+    columns = columns_of(raw, cfg) if columns is None else columns
+    layout = layout or resolve_layout(cfg, fmt, columns)
     if layout == "prompt":
         return *_prompt_examples(raw, cfg, fmt, columns), layout
     examples, bad = [], list(raw.bad)
@@ -308,13 +327,15 @@ def _prompt_examples(raw: RawData, cfg: DataConfig, fmt: str, columns: set[str])
     return examples, bad
 
 
-def check_bad_rows(bad: list[BadRow], cfg: DataConfig, total: int) -> None:
-    if not bad or cfg.bad_rows == "skip":
+def check_bad_rows(bad: list[BadRow], cfg: DataConfig, total: int, count: int | None = None) -> None:
+    """`bad` may be the first of `count` problems (Ray Data keeps only those)."""
+    count = len(bad) if count is None else count
+    if not count or cfg.bad_rows == "skip":
         return
     listed = "\n".join(f"  - {b}" for b in bad[:MAX_LISTED_BAD_ROWS])
-    more = f"\n  ... and {len(bad) - MAX_LISTED_BAD_ROWS} more" if len(bad) > MAX_LISTED_BAD_ROWS else ""
+    more = f"\n  ... and {count - MAX_LISTED_BAD_ROWS} more" if count > MAX_LISTED_BAD_ROWS else ""
     raise DataError(
-        f"{cfg.path}: {len(bad)} problem(s) in {total} row(s):\n{listed}{more}\nFix the rows, or set "
+        f"{cfg.path}: {count} problem(s) in {total} row(s):\n{listed}{more}\nFix the rows, or set "
         "data.bad_rows=skip to train without them (they are counted in the report)"
     )
 
@@ -408,16 +429,7 @@ def _drop_unusable(encoded: Dataset, cfg: DataConfig, desc: str) -> tuple[Datase
     naming file and row, or (data.bad_rows / data.truncation: skip, drop_oldest_turns) skipped and counted."""
     problems = [BadRow(r, "chat template", p) for r, p in zip(encoded["row"], encoded["problem"], strict=True) if p]
     long_rows = [r for r, long in zip(encoded["row"], encoded["too_long"], strict=True) if long]
-    if problems and cfg.bad_rows == "fail":
-        check_bad_rows(problems, cfg, len(encoded))
-    if long_rows and cfg.truncation == "fail":
-        listed = ", ".join(map(str, long_rows[:MAX_LISTED_BAD_ROWS])) + (
-            " ..." if len(long_rows) > MAX_LISTED_BAD_ROWS else ""
-        )
-        raise DataError(
-            f"{cfg.path}: {len(long_rows)} {desc} conversation(s) longer than data.max_length = {cfg.max_length} "
-            f"tokens (rows {listed}); raise data.max_length, or set data.truncation=drop_oldest_turns or skip"
-        )
+    check_unusable(problems, len(problems), long_rows, len(long_rows), cfg, desc, len(encoded))
     keep = [
         i for i, (p, long) in enumerate(zip(encoded["problem"], encoded["too_long"], strict=True)) if not p and not long
     ]
@@ -428,6 +440,23 @@ def _drop_unusable(encoded: Dataset, cfg: DataConfig, desc: str) -> tuple[Datase
         "problem_details": [str(b) for b in problems[:MAX_LISTED_BAD_ROWS]],
     }
     return encoded.select(keep), counts
+
+
+def check_unusable(
+    problems: list[BadRow], problem_count: int, long_rows: list, long_count: int, cfg: DataConfig, desc: str, total: int
+) -> None:
+    """Raises for template problems (data.bad_rows: fail) or over-long conversations (data.truncation: fail);
+    the lists may be the first of the counts."""
+    if problem_count and cfg.bad_rows == "fail":
+        check_bad_rows(problems, cfg, total, problem_count)
+    if long_count and cfg.truncation == "fail":
+        listed = ", ".join(map(str, long_rows[:MAX_LISTED_BAD_ROWS])) + (
+            " ..." if long_count > MAX_LISTED_BAD_ROWS else ""
+        )
+        raise DataError(
+            f"{cfg.path}: {long_count} {desc} conversation(s) longer than data.max_length = {cfg.max_length} "
+            f"tokens (rows {listed}); raise data.max_length, or set data.truncation=drop_oldest_turns or skip"
+        )
 
 
 def tokenize(dataset: Dataset, prompting: Prompting, cfg: DataConfig, desc: str) -> tuple[Dataset, dict[str, Any]]:
@@ -478,14 +507,18 @@ def load_examples(cfg: DataConfig) -> tuple[list[dict[str, Any]], dict[str, Any]
     return used, report
 
 
-def prepare(cfg: DataConfig, prompting: Prompting) -> PreparedData:
-    examples, report = load_examples(cfg)
-    if report["layout"] in ("messages", "sharegpt") and not prompting.use_chat:
+def check_chat(layout: str, prompting: Prompting) -> None:
+    if layout in ("messages", "sharegpt") and not prompting.use_chat:
         raise DataError(
-            f"data.format: {report['layout']} conversations are rendered with the tokenizer's chat template, and this "
+            f"data.format: {layout} conversations are rendered with the tokenizer's chat template, and this "
             "model has none (or model.chat_template is false); use a chat model, or single-turn rows with "
             "data.prompt_template / data.format: alpaca"
         )
+
+
+def prepare(cfg: DataConfig, prompting: Prompting) -> PreparedData:
+    examples, report = load_examples(cfg)
+    check_chat(report["layout"], prompting)
     train_rows, eval_rows = split(examples, cfg)
     train, report["train"] = tokenize(train_rows, prompting, cfg, "train")
     evaluation = None

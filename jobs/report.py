@@ -107,7 +107,7 @@ def _loss_table(log_history: list[dict[str, Any]]) -> str:
 
 
 def _data_section(data: dict[str, Any]) -> str:
-    rows = [("Source", data["source"]), ("Format", data["format"]), ("Rows read", data["rows_read"]), ("Valid rows", data["rows_valid"]),
+    rows = [("Source", data["source"]), ("Format", data["format"]), ("Read and tokenized", "on the cluster (Ray Data), streamed to the workers" if data.get("loader") == "ray_data" else "in the driver"), ("Rows read", data["rows_read"]), ("Valid rows", data["rows_valid"]),
             ("Bad rows (skipped)", data["bad_rows"]), ("Left out by data.max_samples", data["rows_left_out_by_max_samples"])]
     for split in ("train", "validation"):
         if split in data:

@@ -32,9 +32,8 @@ from jobs.config import (
     sweep_problems,
     with_absolute_paths,
 )
-from jobs.data import prepare
 from jobs.prompting import Prompting
-from jobs.train import check_packing
+from jobs.train import check_packing, load_data
 from tune import leaderboard
 from tune.space import max_trial_steps, param_space, resolve_target_sets
 from tune.trial import run_trial
@@ -73,10 +72,10 @@ def plan(run: RunConfig) -> SweepPlan:
     targets = resolve_target_sets(run)
     prompting = Prompting.load(run.model)
     check_packing(run, prompting.kind)
-    data = prepare(run.data, prompting)  # bad data fails here, not in 8 trials
+    data = load_data(run, prompting)  # bad data fails here, not in 8 trials
     base = run.model_dump(mode="json", exclude={"tune"})
     return SweepPlan(
-        run=run, base=base, targets=targets, n_train=len(data.train), max_steps=max_trial_steps(run, len(data.train))
+        run=run, base=base, targets=targets, n_train=data.train_rows, max_steps=max_trial_steps(run, data.train_rows)
     )
 
 

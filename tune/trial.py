@@ -16,9 +16,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from jobs import tracking
 from jobs.cluster import RunPlacement
-from jobs.data import prepare
 from jobs.prompting import Prompting
-from jobs.train import fit
+from jobs.train import fit, load_data
 from tune.space import trial_config
 
 
@@ -39,7 +38,7 @@ def run_trial(
     placement = RunPlacement(name=trial_id, storage_path=storage, callbacks=(TuneReportCallback(),), score=score)
     child = tracking.start(run, Path(sweep_dir), kind="trial", parent=tracked, trial=trial_id)
     try:
-        result = fit(run, prepare(run.data, prompting), prompting, placement, tracked=child)
+        result = fit(run, load_data(run, prompting), prompting, placement, tracked=child)
     except BaseException:
         tracking.finish(child, [], failed=True)
         raise

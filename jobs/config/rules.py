@@ -96,6 +96,12 @@ def _rule_steps(cfg: RunConfig) -> str | None:
     return None
 
 
+def _rule_ray_data_sampling(cfg: RunConfig) -> str | None:
+    if cfg.data.loader == "ray_data" and cfg.training.group_by_length:
+        return problem("training.group_by_length", True, "the length-grouped sampler needs the whole dataset in each worker; with data.loader: ray_data use training.packing: padding_free to cut padding, or data.loader: driver")
+    return None
+
+
 def _rule_lora_targets(cfg: RunConfig) -> str | None:
     if isinstance(cfg.lora.target_modules, list) and not cfg.lora.target_modules:
         return problem("lora.target_modules", [], "name at least one module (e.g. [q_proj, v_proj]) or use 'all-linear'")
@@ -245,6 +251,7 @@ def _rule_search_space(cfg: RunConfig) -> list[str]:
 
 
 CROSS_FIELD_RULES = (
+    _rule_ray_data_sampling,
     _rule_roles,
     _rule_tracking_uri_without_credentials,
     _rule_tracking_packages,

@@ -60,6 +60,7 @@ class DataConfig(Section):
     eval_path: str | None = Field(None, description="Evaluate on this file (same format) instead of the held-out split.")
     demo_rows: int = Field(400, gt=0, description="Rows generated when path is 'demo'.")
     seed: int = Field(42, description="Seed of the train/validation split and demo generator.")
+    loader: Literal["driver", "ray_data"] = Field("driver", description="driver: read, check and tokenize in the driver, ship to the workers (small data); ray_data: on the cluster with Ray Data, each worker streams its shard (large data, s3:// folders).")
 
 
 class TrainingConfig(Section):

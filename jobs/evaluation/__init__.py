@@ -21,6 +21,7 @@ import torch
 import yaml
 from transformers import DataCollatorForSeq2Seq
 
+from jobs import ray_data
 from jobs.config import RunConfig
 from jobs.data import DataError, encode, generation_prompt, load_examples, split
 from jobs.generate import Generation, generate
@@ -59,6 +60,8 @@ def eval_examples(run: RunConfig) -> list[dict[str, Any]]:
             "data.validation_fraction = 0: there is no held-out split to evaluate on; set data.eval_path or "
             "data.validation_fraction"
         )
+    if run.data.loader == "ray_data":
+        return ray_data.validation_examples(run)
     examples, _ = load_examples(run.data)
     return list(split(examples, run.data)[1])
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -33,7 +34,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from jobs import adapter, cluster, report, storage, tracking
+from jobs import adapter, cluster, ray_data, report, storage, tracking
 from jobs.config import ConfigError, RunConfig, dump_config, problem, read_deepspeed
 from jobs.data import PreparedData, prepare
 from jobs.evaluation import task_metrics
@@ -169,13 +170,16 @@ def deepspeed_config(value: str | dict[str, Any] | None) -> dict[str, Any] | Non
     return None if ds is None else {**dict.fromkeys(TRAINER_OWNED_DEEPSPEED_KEYS, "auto"), **ds}
 
 
-def training_arguments(run: RunConfig, output_dir: str, has_eval: bool) -> TrainingArguments:
+def training_arguments(
+    run: RunConfig, output_dir: str, has_eval: bool, max_steps: int | None = None
+) -> TrainingArguments:
+    """`max_steps`: the steps a streamed dataset (no length) gives, when training.max_steps leaves it to epochs."""
     t = run.training
     precision = t.precision if t.precision != "auto" else ("bf16" if run.ray.use_gpu else "fp32")
     return TrainingArguments(
         output_dir=output_dir,
         num_train_epochs=t.num_epochs,
-        max_steps=t.max_steps,
+        max_steps=max_steps or t.max_steps,
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -248,12 +252,57 @@ def _local_resume_dir(workdir: Path) -> str | None:
     return str(target)
 
 
+def streamed_steps(run: RunConfig, train_rows: int) -> int | None:
+    """Optimizer steps over a streamed training set: each worker gets an equal share of the rows, in batches."""
+    if run.training.max_steps > 0:
+        return None
+    per_worker = train_rows // run.ray.num_workers
+    if per_worker == 0:
+        raise ConfigError(
+            [
+                problem(
+                    "ray.num_workers",
+                    run.ray.num_workers,
+                    f"more workers than the {train_rows} training rows; use fewer",
+                )
+            ]
+        )
+    batches = math.ceil(per_worker / run.training.batch_size)
+    return math.ceil(math.ceil(batches / run.training.gradient_accumulation_steps) * run.training.num_epochs)
+
+
+def streamed_batches(name: str, run: RunConfig, prompting: Prompting, shuffle: bool):
+    """This worker's shard of a Ray Data set as collated batches (`prepare_trainer` hands them to the Trainer).
+    Shuffled within a local buffer, seeded: Ray Data streams, the HF sampler cannot see the whole set."""
+    collate = collator(run, prompting)
+
+    def collate_rows(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        size = len(batch["input_ids"])
+        return collate([{key: values[i].tolist() for key, values in batch.items()} for i in range(size)])
+
+    return ray.train.get_dataset_shard(name).iter_torch_batches(
+        batch_size=run.training.batch_size,
+        collate_fn=collate_rows,
+        local_shuffle_buffer_size=20 * run.training.batch_size if shuffle else None,
+        local_shuffle_seed=run.training.seed if shuffle else None,
+    )
+
+
+def _worker_data(config: dict[str, Any], run: RunConfig, prompting: Prompting):
+    """Training set, evaluation set and task-metric examples: shipped whole (data.loader: driver) or streamed."""
+    if config["data"] is not None:
+        data: PreparedData = ray.get(config["data"])
+        return data.train, data.eval, data.eval_examples
+    evaluation = streamed_batches("eval", run, prompting, shuffle=False) if config["has_eval"] else None
+    return streamed_batches("train", run, prompting, shuffle=True), evaluation, config["eval_examples"]
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: one model replica, DDP across workers."""
     run = RunConfig.model_validate(config["run"])
-    data: PreparedData = ray.get(config["data"])
     device = ray.train.torch.get_device()
     prompting = Prompting(load_tokenizer(run.model), config["kind"], config["use_chat"])
+    train_set, eval_set, eval_examples = _worker_data(config, run, prompting)
     model = load_for_training(run, device, prompting.kind)
     workdir = Path(tempfile.mkdtemp(prefix="lorafleet-worker-"))
     resume_dir = _local_resume_dir(workdir)
@@ -262,14 +311,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trackers = tracking.worker_callbacks(config["tracking"]) if ray.train.get_context().get_world_rank() == 0 else []
     trainer = Trainer(
         model=model,
-        args=training_arguments(run, str(workdir / "hf"), data.eval is not None),
-        train_dataset=data.train,
-        eval_dataset=data.eval,
+        args=training_arguments(run, str(workdir / "hf"), eval_set is not None, config["max_steps"]),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
         data_collator=collator(run, prompting),
         processing_class=prompting.tokenizer,
         callbacks=[
             RunInfoCallback(parameter_counts(model), resumed=resumed, nodes=worker_nodes()),
-            TaskMetricsCallback(run, data.eval_examples[: run.eval.during_training_samples], prompting, trackers),
+            TaskMetricsCallback(run, eval_examples[: run.eval.during_training_samples], prompting, trackers),
             FinalEvaluationCallback(),
             FaultInjectionCallback(resumed=resumed),
             RayTrainReportCallback(),
@@ -287,7 +336,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def fit(
     run: RunConfig,
-    data: PreparedData,
+    data: PreparedData | ray_data.StreamedData,
     prompting: Prompting,
     placement: cluster.RunPlacement | None = None,
     tracked: tracking.Tracking | None = None,
@@ -296,16 +345,24 @@ def fit(
     run_json = run.model_dump(mode="json")
     # Inlined here: a DeepSpeed file path of the driver's node need not exist on the workers' nodes.
     run_json["training"]["deepspeed"] = deepspeed_config(run.training.deepspeed)
+    streamed = isinstance(data, ray_data.StreamedData)
+    datasets = {"train": data.train, **({"eval": data.eval} if data.eval is not None else {})} if streamed else {}
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         # Each worker loads its own tokenizer; the rest of how prompts are read travels with the config.
         train_loop_config={
             "run": run_json,
-            "data": ray.put(data),
+            "data": None if streamed else ray.put(data),
+            "has_eval": data.eval is not None,
+            "eval_examples": data.eval_examples[: run.eval.during_training_samples] if streamed else None,
+            "max_steps": streamed_steps(run, data.train_rows) if streamed else None,
             "kind": prompting.kind,
             "use_chat": prompting.use_chat,
             "tracking": tracked,
         },
+        datasets=datasets,
+        # Every worker evaluates the whole held-out set, so eval_loss is the same figure on every rank.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         scaling_config=ray.train.ScalingConfig(
             num_workers=run.ray.num_workers,
             use_gpu=run.ray.use_gpu,
@@ -349,13 +406,20 @@ def report_files(output_dir: Path) -> list[Path]:
     return named + sorted(output_dir.glob("*.png"))
 
 
+def load_data(run: RunConfig, prompting: Prompting) -> PreparedData | ray_data.StreamedData:
+    """data.loader: driver reads and tokenizes here (before Ray starts); ray_data on the cluster."""
+    if run.data.loader == "ray_data":
+        return ray_data.prepare(run, prompting)
+    return prepare(run.data, prompting)
+
+
 def train(run: RunConfig) -> TrainOutcome:
     """Setup, train, save, clean up: the whole job, top to bottom."""
     started = time.time()
     output_dir = Path(run.training.output_dir).resolve()
     prompting = Prompting.load(run.model)
     check_packing(run, prompting.kind)
-    data = prepare(run.data, prompting)
+    data = load_data(run, prompting)
     with tempfile.TemporaryDirectory(prefix="lorafleet-check-") as scratch:
         training_arguments(run, scratch, data.eval is not None)  # HF's own checks, before Ray starts
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,482 @@
+"""Training data on Ray Data (`data.loader: ray_data`): for data that outgrows the driver.
+
+Files (local or `s3://`, one file or a folder of them) are read in Ray tasks, one per file; rows
+are checked and split in `map_batches` tasks, tokenized in `map_batches` actors (one tokenizer
+each, as many as the cluster has CPUs), and the result stays in the object store. The driver keeps
+only what the report needs: counts, the first bad rows, and token-length histograms. Each Ray Train
+worker streams its shard of the training rows (`ray.train.get_dataset_shard`).
+
+The same row functions as the driver path (`jobs.data`) read, check and tokenize, so a row gets the
+same tokens either way. The split differs: a row is held out when a seeded hash of its file and row
+number falls under `data.validation_fraction`, which needs no count or shuffle of the whole data; the
+evaluation stage reads the held-out rows the same way (`validation_examples`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+import ray.data
+
+from jobs import cluster
+from jobs.config import DataConfig, ModelConfig, RunConfig
+from jobs.data import (
+    DEMOS,
+    MAX_LISTED_BAD_ROWS,
+    BadRow,
+    DataError,
+    RawData,
+    check_bad_rows,
+    check_chat,
+    check_unusable,
+    columns_of,
+    encode,
+    parse_jsonl,
+    parse_squad,
+    resolve_format,
+    resolve_layout,
+    to_examples,
+)
+from jobs.demo_data import demo_conversations, demo_rows
+
+if TYPE_CHECKING:
+    from jobs.prompting import Prompting
+
+SUFFIXES = {
+    "jsonl": (".jsonl", ".ndjson"),
+    "csv": (".csv",),
+    "parquet": (".parquet",),
+    "squad": (".json",),
+    "json": (".json",),
+}
+SAMPLE_ROWS = (
+    1000  # rows of the first file that decide the layout and the columns, as the driver path's whole file does
+)
+TOKEN_COLUMNS = ["input_ids", "attention_mask", "labels"]
+SUMMARY_COLUMNS = [
+    "kind",
+    "file",
+    "row",
+    "prompt_tokens",
+    "target_tokens",
+    "truncated",
+    "dropped_turns",
+    "too_long",
+    "problem",
+]
+
+
+@dataclass
+class StreamedData:
+    """What the training job gets: the tokenized rows in the object store, and the report's figures."""
+
+    train: ray.data.Dataset
+    eval: ray.data.Dataset | None
+    eval_examples: list[dict[str, Any]]
+    report: dict[str, Any]
+    train_rows: int
+
+
+def source_files(cfg: DataConfig, fmt: str) -> list[str]:
+    """data.path's files: the file itself, or every file of the format under the folder (sorted)."""
+    fs, root = pafs.FileSystem.from_uri(cfg.path if "://" in cfg.path else str(Path(cfg.path).resolve()))
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        return [_uri(cfg.path, root)]
+    if info.type != pafs.FileType.Directory:
+        raise DataError(f"data.path = {cfg.path!r}: file not found")
+    found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = sorted(i.path for i in found if i.type == pafs.FileType.File and i.path.lower().endswith(SUFFIXES[fmt]))
+    if not files:
+        raise DataError(f"data.path = {cfg.path!r}: no {'/'.join(SUFFIXES[fmt])} files in this folder")
+    return [_uri(cfg.path, path) for path in files]
+
+
+def _uri(path: str, fs_path: str) -> str:
+    return f"{path.split('://', 1)[0]}://{fs_path}" if "://" in path else fs_path
+
+
+def folder_format(cfg: DataConfig) -> str:
+    """The files' format: data.format, else the extension of data.path or of the folder's first data file."""
+    if cfg.format in ("jsonl", "csv", "parquet", "squad", "hf") or cfg.path in DEMOS:
+        return resolve_format(cfg)
+    if "://" not in cfg.path and Path(cfg.path).is_file():
+        return resolve_format(cfg)
+    fs, root = pafs.FileSystem.from_uri(cfg.path if "://" in cfg.path else str(Path(cfg.path).resolve()))
+    if fs.get_file_info(root).type == pafs.FileType.File:
+        return resolve_format(cfg.model_copy(update={"path": Path(root).name}))
+    if "://" not in cfg.path and (Path(cfg.path) / "dataset_info.json").exists():
+        return "hf"
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        for fmt in ("jsonl", "parquet", "csv"):
+            if info.path.lower().endswith(SUFFIXES[fmt]):
+                return fmt
+    raise DataError(f"data.path = {cfg.path!r}: no JSONL, Parquet or CSV files found; set data.format")
+
+
+def read_file(uri: str, fmt: str) -> RawData:
+    """One file's rows, numbered from 1 as in the driver path (CSV/Parquet: data rows, header not counted)."""
+    fs, path = pafs.FileSystem.from_uri(uri)
+    with fs.open_input_file(path) as handle:
+        content = handle.read()
+    if not content:
+        raise DataError(f"{uri}: the file is empty")
+    if fmt == "jsonl":
+        return parse_jsonl(io.BytesIO(content))
+    if fmt == "squad":
+        return parse_squad(content, uri)
+    if fmt == "json":
+        return RawData(rows=list(enumerate(json.loads(content), start=1)))
+    if fmt == "csv":
+        import pandas  # what `datasets` reads CSV with; empty cells become None, as there
+
+        frame = pandas.read_csv(io.BytesIO(content)).astype(object)
+        records = frame.where(frame.notna(), None).to_dict("records")
+    else:
+        import pyarrow.parquet
+
+        records = pyarrow.parquet.read_table(io.BytesIO(content)).to_pylist()
+    return RawData(rows=list(enumerate(records, start=1)))
+
+
+def _file_rows(item: dict[str, Any], fmt: str, name_of: dict[str, str]) -> list[dict[str, Any]]:
+    """flat_map: a file to one row per record (the record as JSON text: files may differ in columns) and
+    one per unreadable line."""
+    raw = read_file(item["file"], fmt)
+    name = name_of[item["file"]]
+    rows = [{"file": name, "row": n, "record": json.dumps(r, default=str), "bad": ""} for n, r in raw.rows]
+    rows += [{"file": name, "row": b.row, "record": "", "bad": json.dumps([b.field, b.reason])} for b in raw.bad]
+    return rows
+
+
+def in_validation(file: str, row: int, cfg: DataConfig) -> bool:
+    """The seeded split: a stable hash of (seed, file, row) under validation_fraction."""
+    digest = hashlib.blake2b(f"{cfg.seed}\0{file}\0{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < cfg.validation_fraction
+
+
+def _check_batch(batch: dict[str, np.ndarray], cfg: DataConfig, fmt: str, layout: str, columns: set[str]):
+    """map_batches: rows to examples (as JSON text) or their problems, and each example's side of the split."""
+    out: dict[str, list] = {"file": [], "row": [], "kind": [], "first": [], "example": []}
+
+    def add(file: str, row: int, kind: str, first: bool, example: str) -> None:
+        for key, value in zip(out, (file, row, kind, first, example), strict=True):
+            out[key].append(value)
+
+    for file, row, record, bad in zip(batch["file"], batch["row"], batch["record"], batch["bad"], strict=True):
+        if bad:
+            add(file, int(row), "bad", True, bad)
+            continue
+        raw = RawData(rows=[(int(row), json.loads(record))])
+        examples, problems, _ = to_examples(raw, cfg, fmt, layout, columns)
+        for i, problem in enumerate(problems):
+            add(file, int(row), "bad", i == 0, json.dumps([problem.field, problem.reason]))
+        for example in examples:
+            kind = "validation" if in_validation(file, int(row), cfg) else "train"
+            add(file, int(row), kind, True, json.dumps(example, ensure_ascii=False))
+    return out
+
+
+class Encoder:
+    """map_batches actor: one tokenizer, loaded once, the driver path's `encode` per row."""
+
+    def __init__(self, model: ModelConfig, data: DataConfig, kind: str, use_chat: bool):
+        from jobs.model import load_tokenizer
+        from jobs.prompting import Prompting
+
+        self.data = data
+        self.prompting = Prompting(load_tokenizer(model), kind, use_chat)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows = []
+        for file, row, kind, text in zip(batch["file"], batch["row"], batch["kind"], batch["example"], strict=True):
+            encoded = encode(json.loads(text), self.prompting, self.data)
+            rows.append(
+                {
+                    "input_ids": encoded["input_ids"],
+                    "attention_mask": encoded["attention_mask"],
+                    "labels": encoded["labels"],
+                    "prompt_tokens": encoded["prompt_tokens"],
+                    "target_tokens": encoded["target_tokens"],
+                    "truncated": bool(encoded["truncated"]),
+                    "dropped_turns": int(encoded.get("dropped_turns", 0)),
+                    "too_long": bool(encoded.get("too_long", False)),
+                    "problem": encoded.get("problem", ""),
+                    "kind": kind,
+                    "file": file,
+                    "row": int(row),
+                    "example": text if kind == "validation" else "",  # evaluation's prompts and references
+                }
+            )
+        return {key: [r[key] for r in rows] for key in rows[0]} if rows else {}
+
+
+def _read(cfg: DataConfig, fmt: str) -> tuple[ray.data.Dataset, RawData, bool]:
+    """Rows as {file, row, record, bad} on the cluster, a sample of the first rows (layout, columns), and
+    whether they come from one file (then messages name rows only, as the driver path's do)."""
+    if fmt in DEMOS or fmt == "hf":
+        return *_read_on_driver(cfg, fmt), True
+    files = source_files(cfg, fmt)
+    base = cfg.path.rstrip("/")
+    name_of = {f: (Path(f).name if len(files) == 1 else f.removeprefix(base).lstrip("/")) for f in files}
+    sample = read_file(files[0], fmt)
+    sample = RawData(rows=sample.rows[:SAMPLE_ROWS], bad=sample.bad)
+    items = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    return items.flat_map(_file_rows, fn_kwargs={"fmt": fmt, "name_of": name_of}), sample, len(files) == 1
+
+
+def _read_on_driver(cfg: DataConfig, fmt: str) -> tuple[ray.data.Dataset, RawData]:
+    """The generated tasks (small by design) and Hugging Face datasets (memory-mapped Arrow, handed to Ray Data)."""
+    if fmt in DEMOS:
+        generate = demo_rows if fmt == "demo" else demo_conversations
+        rows = list(enumerate(generate(cfg.demo_rows, cfg.seed), start=1))
+        items = [{"file": cfg.path, "row": n, "record": json.dumps(r), "bad": ""} for n, r in rows]
+        return ray.data.from_items(items), RawData(rows=rows[:SAMPLE_ROWS])
+    from jobs.data import load_hf_dataset
+
+    dataset = load_hf_dataset(cfg)
+    sample = RawData(rows=list(enumerate(dataset.select(range(min(SAMPLE_ROWS, len(dataset)))), start=1)))
+    numbered = dataset.add_column("__row", np.arange(1, len(dataset) + 1))
+
+    def as_rows(batch: dict[str, np.ndarray]) -> dict[str, list]:
+        records = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        return {
+            "file": [Path(cfg.path).name] * len(records),
+            "row": [int(r.pop("__row")) for r in records],
+            "record": [json.dumps(r, default=_plain) for r in records],
+            "bad": [""] * len(records),
+        }
+
+    return ray.data.from_huggingface(numbered).map_batches(as_rows), sample
+
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if isinstance(value, np.ndarray | np.generic) else str(value)
+
+
+def _checked(cfg: DataConfig) -> tuple[ray.data.Dataset, str, str, bool]:
+    """Rows read and checked, materialized once; raises DataError for what the first rows already show."""
+    fmt = folder_format(cfg)
+    rows, sample, single_file = _read(cfg, fmt)
+    columns = columns_of(sample, cfg)
+    layout = resolve_layout(cfg, fmt, columns)
+    to_examples(sample, cfg, fmt, layout, columns)  # absent template columns: one error now, not one per row
+    checked = rows.map_batches(_check_batch, fn_kwargs={"cfg": cfg, "fmt": fmt, "layout": layout, "columns": columns})
+    return checked.materialize(), fmt, layout, single_file
+
+
+def _bad_rows(checked: ray.data.Dataset, single_file: bool) -> tuple[list[BadRow], int, int]:
+    """The first bad rows by (file, row), how many problems, and how many rows have one."""
+    first: list[tuple[str, int, str]] = []
+    problems = rows = 0
+    bad_only = checked.filter(lambda row: row["kind"] == "bad").select_columns(["file", "row", "first", "example"])
+    for batch in bad_only.iter_batches(batch_size=65536):
+        problems, rows = problems + len(batch["row"]), rows + int(batch["first"].sum())
+        found = [
+            (str(f), int(r), str(t)) for f, r, t in zip(batch["file"], batch["row"], batch["example"], strict=True)
+        ]
+        first = sorted(first + found, key=lambda item: item[:2])[:MAX_LISTED_BAD_ROWS]
+    bad = [BadRow(row, *json.loads(text), file="" if single_file else file) for file, row, text in first]
+    return bad, problems, rows
+
+
+def validation_examples(run: RunConfig) -> list[dict[str, Any]]:
+    """The held-out rows of a `data.loader: ray_data` run, in file and row order, for the evaluation stage."""
+    cluster.connect(run.ray.address)
+    checked, *_ = _checked(run.data)
+    held_out = checked.filter(lambda row: row["kind"] == "validation")
+    return [json.loads(row["example"]) for row in held_out.take_all()]
+
+
+def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
+    """Read, check, split and tokenize on the cluster; DataError (file, row, field) before any Train worker starts."""
+    cfg = run.data
+    cluster.connect(run.ray.address)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # seeded runs read rows alike
+    checked, fmt, layout, single_file = _checked(cfg)
+    check_chat(layout, prompting)
+    kinds = _count_kinds(checked)
+    bad, problem_count, bad_row_count = _bad_rows(checked, single_file)
+    valid = kinds.get("train", 0) + kinds.get("validation", 0)
+    total = valid + bad_row_count
+    if total == 0:
+        raise DataError(f"data.path = {cfg.path!r}: no rows found")
+    check_bad_rows(bad, cfg, total, problem_count)
+    if not valid:
+        raise DataError(f"{cfg.path}: none of the {total} row(s) is usable:\n" + "\n".join(f"  - {b}" for b in bad))
+    usable = checked.filter(lambda row: row["kind"] != "bad")
+    used = min(valid, cfg.max_samples or valid)
+    if cfg.max_samples:
+        usable = usable.limit(cfg.max_samples)
+    encoded = usable.map_batches(
+        Encoder,
+        fn_constructor_kwargs={
+            "model": run.model,
+            "data": cfg,
+            "kind": prompting.kind,
+            "use_chat": prompting.use_chat,
+        },
+        # From one actor up to one per CPU: a fixed pool would wait for CPUs the read tasks still hold.
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))),
+        batch_size=256,
+    ).materialize()
+    conversation = layout in ("messages", "sharegpt")
+    stats = _token_stats(encoded, cfg, conversation, single_file)
+    if cfg.validation_fraction and not stats.get("validation", {}).get("rows"):
+        raise DataError(
+            f"{cfg.path}: none of the {used} usable row(s) fell in the held-out share data.validation_fraction = "
+            f"{cfg.validation_fraction}; add rows, raise it, or set it to 0"
+        )
+    if not stats.get("train", {}).get("rows"):
+        raise DataError(f"{cfg.path}: no usable row is left for training; add rows or lower data.validation_fraction")
+    if conversation:
+        encoded = encoded.filter(lambda row: not row["problem"] and not row["too_long"])
+    held_out = encoded.filter(lambda row: row["kind"] == "validation") if cfg.validation_fraction else None
+    report = {
+        "source": cfg.path,
+        "format": fmt if layout == "prompt" else f"{fmt} ({layout})",
+        "layout": layout,
+        "loader": "ray_data",
+        "rows_read": total,
+        "rows_valid": valid,
+        "rows_used": used,
+        "bad_rows": bad_row_count,
+        "bad_row_details": [str(b) for b in bad],
+        "rows_left_out_by_max_samples": valid - used,
+        "train": stats["train"],
+        **({"validation": stats["validation"]} if held_out is not None else {}),
+    }
+    return StreamedData(
+        # Materialized: the Train workers may hold every CPU, and a lazy filter would then wait for one forever.
+        train=encoded.filter(lambda row: row["kind"] == "train").select_columns(TOKEN_COLUMNS).materialize(),
+        eval=held_out.select_columns(TOKEN_COLUMNS).materialize() if held_out is not None else None,
+        eval_examples=[json.loads(r["example"]) for r in held_out.take(run.eval.during_training_samples)]
+        if held_out is not None and run.eval.during_training_samples
+        else [],
+        report=report,
+        train_rows=stats["train"]["rows"],
+    )
+
+
+def _count_kinds(checked: ray.data.Dataset) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for batch in checked.select_columns(["kind"]).iter_batches(batch_size=65536):
+        for kind, n in zip(*np.unique(batch["kind"], return_counts=True), strict=True):
+            counts[str(kind)] = counts.get(str(kind), 0) + int(n)
+    return counts
+
+
+@dataclass
+class _Tally:
+    """One split's figures, added up batch by batch: length histograms stand in for the length lists."""
+
+    rows: int = 0
+    prompt: np.ndarray | None = None
+    target: np.ndarray | None = None
+    truncated: int = 0
+    dropped_turns: int = 0
+    long_rows: list | None = None
+    long_count: int = 0
+    problems: list | None = None
+    problem_count: int = 0
+
+    def add(self, batch: dict[str, np.ndarray], single_file: bool) -> None:
+        usable = ~batch["too_long"] & (batch["problem"] == "")
+        self.rows += int(usable.sum())
+        self.prompt = _add_hist(self.prompt, batch["prompt_tokens"][usable])
+        self.target = _add_hist(self.target, batch["target_tokens"][usable])
+        self.truncated += int(batch["truncated"][usable].sum())
+        self.dropped_turns += int(batch["dropped_turns"].sum())
+        name = (lambda f, r: r) if single_file else (lambda f, r: f"{f} row {r}")
+        longs = [
+            name(f, int(r))
+            for f, r in zip(batch["file"][batch["too_long"]], batch["row"][batch["too_long"]], strict=True)
+        ]
+        self.long_rows = ((self.long_rows or []) + longs)[:MAX_LISTED_BAD_ROWS]
+        self.long_count += len(longs)
+        flagged = batch["problem"] != ""
+        found = [
+            BadRow(int(r), "chat template", str(p), file="" if single_file else str(f))
+            for f, r, p in zip(batch["file"][flagged], batch["row"][flagged], batch["problem"][flagged], strict=True)
+        ]
+        self.problems = ((self.problems or []) + found)[:MAX_LISTED_BAD_ROWS]
+        self.problem_count += len(found)
+
+    def report(self, conversation: bool) -> dict[str, Any]:
+        out = {
+            "rows": self.rows,
+            "prompt_tokens": histogram_stats(self.prompt),
+            "target_tokens": histogram_stats(self.target),
+            "truncated": self.truncated,
+            "truncated_share": round(self.truncated / max(self.rows, 1), 4),
+        }
+        if conversation:
+            out |= {
+                "dropped_turns": self.dropped_turns,
+                "too_long_skipped": self.long_count,
+                "template_problems_skipped": self.problem_count,
+                "problem_details": [str(b) for b in self.problems or []],
+            }
+        return out
+
+
+def _add_hist(hist: np.ndarray | None, values: np.ndarray) -> np.ndarray:
+    counts = np.bincount(values.astype(np.int64), minlength=0)
+    if hist is None:
+        return counts
+    size = max(len(hist), len(counts))
+    return np.pad(hist, (0, size - len(hist))) + np.pad(counts, (0, size - len(counts)))
+
+
+def histogram_stats(hist: np.ndarray | None) -> dict[str, float]:
+    """`jobs.data._length_stats` from a histogram of lengths: the same mean, numpy's (linear) percentiles, max."""
+    if hist is None or not hist.sum():
+        return {}
+    n, cumulative, lengths = int(hist.sum()), np.cumsum(hist), np.arange(len(hist))
+
+    def at(index: int) -> int:  # the index-th smallest length
+        return int(np.searchsorted(cumulative, index + 1))
+
+    def percentile(q: float) -> float:
+        position = q / 100 * (n - 1)
+        low, high = at(int(np.floor(position))), at(int(np.ceil(position)))
+        return float(low + (high - low) * (position - np.floor(position)))
+
+    return {
+        "mean": round(float((hist * lengths).sum() / n), 1),
+        "p50": percentile(50),
+        "p95": percentile(95),
+        "max": int(lengths[hist > 0].max()),
+    }
+
+
+def _token_stats(
+    encoded: ray.data.Dataset, cfg: DataConfig, conversation: bool, single_file: bool
+) -> dict[str, dict[str, Any]]:
+    """Per split, the report's token figures; raises as the driver path does for unusable conversations."""
+    tallies = {"train": _Tally(), "validation": _Tally()}
+    for batch in encoded.select_columns(SUMMARY_COLUMNS).iter_batches(batch_size=65536):
+        for kind, tally in tallies.items():
+            chosen = batch["kind"] == kind
+            if chosen.any():
+                tally.add({k: v[chosen] for k, v in batch.items()}, single_file)
+    for kind, tally in tallies.items():
+        desc = "train" if kind == "train" else "validation"
+        check_unusable(
+            tally.problems or [],
+            tally.problem_count,
+            tally.long_rows or [],
+            tally.long_count,
+            cfg,
+            desc,
+            tally.rows + tally.long_count + tally.problem_count,
+        )
+    return {kind: tally.report(conversation) for kind, tally in tallies.items() if tally.rows or kind == "train"}
