@@ -1,0 +1,131 @@
+"""data.loader: ray_data on a local Ray (and the local S3): the same rows, checks, tokens and figures
+as the driver path, for files, folders and s3:// prefixes; training streams each worker's shard, and
+the evaluation stage reads the same held-out rows the training held out."""
+
+import json
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from jobs import ray_data
+from jobs.config import load_config
+from jobs.data import DataError, load_examples, prepare
+from jobs.demo_data import demo_rows
+from jobs.evaluation import eval_examples
+from jobs.model import load_tokenizer
+from jobs.prompting import Prompting
+from jobs.train import train
+from tests.test_bad_inputs import BROKEN_DATA, CORPUS
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3):
+    """After `s3`: the workers inherit its endpoint."""
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _run(model: str, path, *overrides: str):
+    return load_config(None, [f"model.name={model}", f"data.path={path}", "data.loader=ray_data", *overrides])
+
+
+def _prompting(run) -> Prompting:
+    return Prompting(load_tokenizer(run.model), "causal", True)
+
+
+def _write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("name", sorted(set(BROKEN_DATA) - {"blank-lines.jsonl"}))
+def test_the_broken_corpus_is_refused_with_file_row_and_field_as_on_the_driver(local_ray, tiny_causal, name):
+    run = _run(tiny_causal, CORPUS / "data" / name)
+    with pytest.raises(DataError) as err:
+        ray_data.prepare(run, _prompting(run))
+    text = " ".join(str(err.value).split())
+    for expected in BROKEN_DATA[name]:
+        assert expected in text, text
+
+
+def _token_rows(dataset) -> Counter:
+    rows = dataset.take_all() if hasattr(dataset, "take_all") else list(dataset)
+    return Counter(json.dumps([list(r["input_ids"]), list(r["labels"])]) for r in rows)
+
+
+@pytest.mark.parametrize("kind", ["prompts", "conversations"])
+def test_the_same_tokens_and_report_figures_as_the_driver_path(local_ray, tiny_causal, tmp_path, kind):
+    if kind == "prompts":
+        rows = demo_rows(300, seed=3)
+        rows[7]["output"], rows[100]["input"] = "", None  # two bad rows, skipped and counted
+    else:
+        from jobs.demo_data import demo_conversations
+
+        rows = demo_conversations(120, seed=3)
+        rows[5]["messages"][1]["role"] = "bot"
+    path = _write_jsonl(tmp_path / "rows.jsonl", rows)
+    run = _run(tiny_causal, path, "data.bad_rows=skip", "data.validation_fraction=0")
+    streamed = ray_data.prepare(run, _prompting(run))
+    driver = prepare(run.data, _prompting(run))
+
+    assert _token_rows(streamed.train) == _token_rows(driver.train)
+    assert streamed.train_rows == driver.train_rows == len(rows) - (2 if kind == "prompts" else 1)
+    same = {k: v for k, v in streamed.report.items() if k != "loader"}
+    assert same == driver.report
+    assert streamed.report["loader"] == "ray_data"
+
+
+def test_a_folder_of_parquet_files_names_the_file_of_a_bad_row(local_ray, tiny_causal, tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    rows = demo_rows(60, seed=1)
+    pq.write_table(pa.Table.from_pylist(rows[:30]), folder / "part-0.parquet")
+    rows[40]["output"] = " "
+    pq.write_table(pa.Table.from_pylist(rows[30:]), folder / "part-1.parquet")
+    run = _run(tiny_causal, folder, "data.validation_fraction=0")
+    with pytest.raises(DataError, match=r"1 problem\(s\) in 60 row\(s\)[\s\S]*part-1.parquet row 11: output: missing or empty"):
+        ray_data.prepare(run, _prompting(run))
+    streamed = ray_data.prepare(run.model_copy(update={"data": run.data.model_copy(update={"bad_rows": "skip"})}), _prompting(run))
+    assert streamed.report["rows_read"] == 60 and streamed.report["bad_rows"] == 1 and streamed.train_rows == 59
+    assert streamed.report["bad_row_details"] == ["part-1.parquet row 11: output: missing or empty"]
+
+
+def test_an_s3_prefix_of_jsonl_parts_is_read_on_the_cluster(local_ray, s3, tiny_causal):
+    fs, root = pafs.FileSystem.from_uri(f"{s3}/rows")
+    rows = demo_rows(90, seed=2)
+    for part in range(3):
+        with fs.open_output_stream(f"{root}/part-{part}.jsonl") as out:
+            out.write("".join(json.dumps(r) + "\n" for r in rows[part * 30 : (part + 1) * 30]).encode())
+    run = _run(tiny_causal, f"{s3}/rows", "data.validation_fraction=0.2")
+    streamed = ray_data.prepare(run, _prompting(run))
+    held_out = streamed.report["validation"]["rows"]
+    assert streamed.report["rows_read"] == 90 and streamed.train_rows + held_out == 90
+    assert 5 <= held_out <= 32, "a seeded 20% share of 90 rows (binomial: 18 +- 3.8, so outside this 3.6-sigma band is a broken split)"
+
+
+def test_training_streams_the_shards_and_evaluation_reads_the_same_held_out_rows(local_ray, tiny_causal, tmp_path):
+    path = _write_jsonl(tmp_path / "rows.jsonl", demo_rows(200, seed=4))
+    run = _run(tiny_causal, path, f"training.output_dir={tmp_path / 'out'}", f"ray.storage_path={tmp_path / 'storage'}",
+               "ray.num_workers=2", "training.batch_size=4", "training.eval_steps=10", "training.logging_steps=5",
+               "data.validation_fraction=0.15")
+    outcome = train(run)
+
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    train_rows = metrics["data"]["train"]["rows"]
+    assert metrics["final_step"] == -(-(train_rows // 2) // 4), "one epoch: each worker's equal share in batches of 4"
+    assert metrics["final_eval_loss"] < metrics["first_eval_loss"]
+    assert (outcome.adapter_dir / "adapter_model.safetensors").is_file()
+    assert "on the cluster (Ray Data), streamed to the workers" in (tmp_path / "out" / "report.md").read_text()
+
+    held_out = eval_examples(run)
+    assert len(held_out) == metrics["data"]["validation"]["rows"]
+    every, _ = load_examples(run.data)
+    expected = [e["row"] for e in every if ray_data.in_validation("rows.jsonl", e["row"], run.data)]
+    assert sorted(e["row"] for e in held_out) == expected
