@@ -1,14 +1,16 @@
-"""Today's training data path at scale: the driver reads every row, tokenizes on its own core, and
-ships the tokenized dataset to the workers through the object store (`ray.put`).
+"""The training data path at scale, driver against Ray Data, in one run.
 
     python bench/data_scale.py [--rows 10000 100000 1000000]
 
-For each size, generated demo rows (JSONL) with SmolLM2's tokenizer and chat template, in a fresh
-process: `jobs.data.prepare` (read, check, split, tokenize) pinned to 1 CPU and to 2 CPUs (taskset), rows/s; the
-driver's peak RSS once the data is prepared and `ray.put`; the time from the start to the first
-batch a Ray Train worker gets (its `ray.get` of the dataset and one collated batch; loading the model,
-the same for any data path, is left out). The Ray Data path of issue 18 is not built; this is the
-baseline it is measured against.
+For each size, generated demo rows (JSONL) with SmolLM2's tokenizer and chat template, each in a
+fresh process pinned with taskset:
+- driver (`data.loader: driver`): `jobs.data.prepare` (read, check, split, tokenize in the driver) on
+  1 CPU and on 2 CPUs, then `ray.put` of the tokenized data for the workers;
+- Ray Data (`data.loader: ray_data`): `jobs.ray_data.prepare` (read in Ray tasks, check in map_batches,
+  tokenize in a map_batches actor pool; the driver keeps only counts and histograms) on a local Ray
+  of 1 CPU and of 2 CPUs; the worker streams its shard.
+Measured: rows/s of the preparation, the driver's peak RSS, and the time from the start to the first
+collated batch in a Ray Train worker (loading the model, the same for both, is left out).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from jobs.demo_data import demo_rows  # noqa: E402
 
-SCRIPT = """
+DRIVER = """
 import json, resource, sys, time
 started = time.time()
 import ray, ray.train, ray.train.torch
@@ -66,9 +68,48 @@ print(json.dumps({"prepare_s": prepare_s, "rows": len(data.train) + len(data.eva
 """
 
 
-def measure(path: Path, cpus: str, mode: str, storage: Path) -> dict:
-    done = subprocess.run(["taskset", "-c", cpus, sys.executable, "-c", SCRIPT, str(path), mode, str(storage)], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+RAY_DATA = """
+import json, resource, sys, time
+started = time.time()
+import ray, ray.train, ray.train.torch
+from jobs import ray_data
+from jobs.config import load_config
+from jobs.model import load_tokenizer
+from jobs.prompting import Prompting
+from jobs.train import streamed_batches
+
+run = load_config("configs/demo.yaml", [f"data.path={sys.argv[1]}", "data.validation_fraction=0.01", "data.loader=ray_data"])
+prompting = Prompting.load(run.model)
+ray.init(num_cpus=int(sys.argv[4]), include_dashboard=False)
+t0 = time.time()
+data = ray_data.prepare(run, prompting)
+prepare_s = time.time() - t0
+rows = data.train_rows + data.report["validation"]["rows"]
+if sys.argv[2] == "prepare-only":
+    print(json.dumps({"prepare_s": prepare_s, "rows": rows}))
+    sys.exit()
+
+def first_batch(config):
+    prompting = Prompting(load_tokenizer(run.model), "causal", True)
+    batch = next(iter(streamed_batches("train", run, prompting, shuffle=True)))
+    assert batch["input_ids"].numel() > 0
+    open(config["stamp"], "w").write(str(time.time()))
+
+stamp = sys.argv[3] + "/first-batch"
+ray.train.torch.TorchTrainer(first_batch, train_loop_config={"stamp": stamp}, datasets={"train": data.train},
+    scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+    run_config=ray.train.RunConfig(storage_path=sys.argv[3])).fit()
+first_batch_at = float(open(stamp).read())
+print(json.dumps({"prepare_s": prepare_s, "rows": rows, "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "first_batch_s": first_batch_at - started}))
+"""
+
+
+def measure(script: str, path: Path, cpus: str, mode: str, storage: Path) -> dict:
+    ray_cpus = str(len(cpus.split(",")))
+    command = ["taskset", "-c", cpus, sys.executable, "-c", script, str(path), mode, str(storage), ray_cpus]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     if done.returncode != 0:
         raise SystemExit(f"{mode} on {path} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -77,9 +118,10 @@ def measure(path: Path, cpus: str, mode: str, storage: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--one-cpu-up-to", type=int, default=10**9, help="skip the 1-CPU run above this many rows")
+    parser.add_argument("--one-cpu-up-to", type=int, default=10**9, help="skip the 1-CPU runs above this many rows")
     args = parser.parse_args()
-    results = {}
+    paths = {"driver": DRIVER, "Ray Data": RAY_DATA}
+    results: dict[tuple[str, int], tuple[dict | None, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "ray").mkdir()
         for n in args.rows:
@@ -87,20 +129,23 @@ def main() -> None:
             with path.open("w") as handle:
                 for row in demo_rows(n, seed=0):
                     handle.write(json.dumps(row) + "\n")
-            one = measure(path, "0", "prepare-only", Path(tmp) / "ray") if n <= args.one_cpu_up_to else None
-            two = measure(path, "0,1", "full", Path(tmp) / "ray")
-            results[n] = (one, two)
-            print(f"{n:,} rows: {json.dumps({'1 cpu': one, '2 cpus': two})}", flush=True)
-    print("\n| rows | rows/s read, checked and tokenized (prepare), 1 CPU | 2 CPUs | ratio | driver peak RSS (MB) | to the first batch in a worker (s) |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    for n, (one, two) in results.items():
+            for name, script in paths.items():
+                one = measure(script, path, "0", "prepare-only", Path(tmp) / "ray") if n <= args.one_cpu_up_to else None
+                two = measure(script, path, "0,1", "full", Path(tmp) / "ray")
+                results[name, n] = (one, two)
+                print(f"{name}, {n:,} rows: {json.dumps({'1 cpu': one, '2 cpus': two})}", flush=True)
+    print("\n| path | rows | rows/s prepared, 1 CPU | 2 CPUs | 2 / 1 CPU | driver peak RSS (MB) | to the first batch in a worker (s) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for (name, n), (one, two) in results.items():
         r2 = two["rows"] / two["prepare_s"]
         r1 = f"{one['rows'] / one['prepare_s']:,.0f}" if one else "-"
         ratio = f"{r2 / (one['rows'] / one['prepare_s']):.2f}" if one else "-"
-        print(f"| {n:,} | {r1} | {r2:,.0f} | {ratio} | {two['rss_peak_mb']:,.0f} | {two['first_batch_s']:.1f} |")
-    first, last = results[args.rows[0]][1], results[args.rows[-1]][1]
-    print(f"\n{args.rows[-1]:,} vs {args.rows[0]:,} rows: driver RSS {last['rss_peak_mb'] / first['rss_peak_mb']:.2f}x (target <= 1.5x), "
-          f"first batch {last['first_batch_s'] / first['first_batch_s']:.2f}x (target <= 2x)")
+        print(f"| {name} | {n:,} | {r1} | {r2:,.0f} | {ratio} | {two['rss_peak_mb']:,.0f} | {two['first_batch_s']:.1f} |")
+    small, large = args.rows[0], args.rows[-1]
+    for name in paths:
+        first, last = results[name, small][1], results[name, large][1]
+        print(f"\n{name}, {large:,} vs {small:,} rows: driver RSS {last['rss_peak_mb'] / first['rss_peak_mb']:.2f}x (target <= 1.5x), "
+              f"first batch {last['first_batch_s'] / first['first_batch_s']:.2f}x (target <= 2x)")
 
 
 if __name__ == "__main__":

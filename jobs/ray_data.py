@@ -316,6 +316,8 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
     used = min(valid, cfg.max_samples or valid)
     if cfg.max_samples:
         usable = usable.limit(cfg.max_samples)
+    # Materialized before the tokenizer actors: a filter task holding the last CPU would leave none for them.
+    usable = usable.materialize()
     encoded = usable.map_batches(
         Encoder,
         fn_constructor_kwargs={
