@@ -83,6 +83,10 @@ class StreamedData:
     eval_examples: list[dict[str, Any]]
     report: dict[str, Any]
     train_rows: int
+    made_from: tuple[DataConfig, str] | None = None  # data section and model: a trial with the same reuses it
+
+    def serves(self, run: RunConfig) -> bool:
+        return self.made_from == (run.data, run.model.name)
 
 
 def source_files(cfg: DataConfig, fmt: str) -> list[str]:
@@ -365,6 +369,7 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
         else [],
         report=report,
         train_rows=stats["train"]["rows"],
+        made_from=(cfg, run.model.name),
     )
 
 

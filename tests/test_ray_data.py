@@ -129,3 +129,18 @@ def test_training_streams_the_shards_and_evaluation_reads_the_same_held_out_rows
     every, _ = load_examples(run.data)
     expected = [e["row"] for e in every if ray_data.in_validation("rows.jsonl", e["row"], run.data)]
     assert sorted(e["row"] for e in held_out) == expected
+
+
+def test_a_sweep_tokenizes_once_and_its_concurrent_trials_stream_the_same_rows(local_ray, tiny_causal, tmp_path):
+    """Two trials at once hold both CPUs with their Train workers: a trial that read the data again
+    would wait for a CPU for ever, so finishing shows they stream the sweep's tokenized rows."""
+    from tune.sweep import sweep
+
+    path = _write_jsonl(tmp_path / "rows.jsonl", demo_rows(120, seed=5))
+    run = _run(tiny_causal, path, f"training.output_dir={tmp_path / 'train'}", f"ray.storage_path={tmp_path / 'ray'}",
+               "training.max_steps=6", "training.eval_steps=3", "training.logging_steps=3", "training.batch_size=4",
+               f"tune.output_dir={tmp_path / 'sweep'}", "tune.search_alg=grid", "tune.scheduler=fifo", "tune.max_concurrent_trials=2",
+               "tune.space={training.learning_rate: {grid: [5e-3, 1e-4]}}")
+    outcome = sweep(run)
+    assert sorted(r.status for r in outcome.rows) == ["completed", "completed"]
+    assert (outcome.sweep_dir / "best" / "adapter" / "adapter_model.safetensors").is_file()

@@ -33,6 +33,7 @@ from jobs.config import (
     with_absolute_paths,
 )
 from jobs.prompting import Prompting
+from jobs.ray_data import StreamedData
 from jobs.train import check_packing, load_data
 from tune import leaderboard
 from tune.space import max_trial_steps, param_space, resolve_target_sets
@@ -62,6 +63,9 @@ class SweepPlan:
     targets: dict[str, Any]
     n_train: int
     max_steps: int
+    # data.loader: ray_data: the tokenized rows in the object store, streamed by every trial that reads
+    # the same data (a trial re-reading them would wait for CPUs its sibling trials' workers hold).
+    streamed: StreamedData | None = None
 
 
 def plan(run: RunConfig) -> SweepPlan:
@@ -75,7 +79,12 @@ def plan(run: RunConfig) -> SweepPlan:
     data = load_data(run, prompting)  # bad data fails here, not in 8 trials
     base = run.model_dump(mode="json", exclude={"tune"})
     return SweepPlan(
-        run=run, base=base, targets=targets, n_train=data.train_rows, max_steps=max_trial_steps(run, data.train_rows)
+        run=run,
+        base=base,
+        targets=targets,
+        n_train=data.train_rows,
+        max_steps=max_trial_steps(run, data.train_rows),
+        streamed=data if isinstance(data, StreamedData) else None,
     )
 
 
@@ -128,6 +137,7 @@ def _trainable(p: SweepPlan, sweep_dir: Path, tracked: tracking.Tracking | None)
         score=(t.metric, t.resolved_mode()),
         sweep_dir=str(sweep_dir),
         tracked=tracked,
+        streamed=p.streamed,
     )
     # The trial only drives its Train run, whose workers hold the CPUs/GPUs; it asks for memory
     # alone (Tune refuses an all-zero request), so a trial on a full node still gets its workers.
