@@ -119,8 +119,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--one-cpu-up-to", type=int, default=10**9, help="skip the 1-CPU runs above this many rows")
+    parser.add_argument("--loaders", nargs="+", choices=["driver", "ray_data"], default=["driver", "ray_data"])
     args = parser.parse_args()
-    paths = {"driver": DRIVER, "Ray Data": RAY_DATA}
+    paths = {name: script for key, name, script in (("driver", "driver", DRIVER), ("ray_data", "Ray Data", RAY_DATA))
+             if key in args.loaders}
     results: dict[tuple[str, int], tuple[dict | None, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "ray").mkdir()

@@ -39,6 +39,7 @@ from jobs.data import (
     check_unusable,
     columns_of,
     encode,
+    load_hf_dataset,
     parse_jsonl,
     parse_squad,
     resolve_format,
@@ -57,21 +58,11 @@ SUFFIXES = {
     "squad": (".json",),
     "json": (".json",),
 }
-SAMPLE_ROWS = (
-    1000  # rows of the first file that decide the layout and the columns, as the driver path's whole file does
-)
+# Rows of the first file that decide the layout and the columns, as the driver path's whole file does.
+SAMPLE_ROWS = 1000
 TOKEN_COLUMNS = ["input_ids", "attention_mask", "labels"]
-SUMMARY_COLUMNS = [
-    "kind",
-    "file",
-    "row",
-    "prompt_tokens",
-    "target_tokens",
-    "truncated",
-    "dropped_turns",
-    "too_long",
-    "problem",
-]
+# What the driver reads back of the tokenized rows: lengths and flags, never the tokens.
+SUMMARY_COLUMNS = "kind file row prompt_tokens target_tokens truncated dropped_turns too_long problem".split()
 
 
 @dataclass
@@ -244,8 +235,6 @@ def _read_on_driver(cfg: DataConfig, fmt: str) -> tuple[ray.data.Dataset, RawDat
         rows = list(enumerate(generate(cfg.demo_rows, cfg.seed), start=1))
         items = [{"file": cfg.path, "row": n, "record": json.dumps(r), "bad": ""} for n, r in rows]
         return ray.data.from_items(items), RawData(rows=rows[:SAMPLE_ROWS])
-    from jobs.data import load_hf_dataset
-
     dataset = load_hf_dataset(cfg)
     sample = RawData(rows=list(enumerate(dataset.select(range(min(SAMPLE_ROWS, len(dataset)))), start=1)))
     numbered = dataset.add_column("__row", np.arange(1, len(dataset) + 1))

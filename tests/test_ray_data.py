@@ -144,3 +144,16 @@ def test_a_sweep_tokenizes_once_and_its_concurrent_trials_stream_the_same_rows(l
     outcome = sweep(run)
     assert sorted(r.status for r in outcome.rows) == ["completed", "completed"]
     assert (outcome.sweep_dir / "best" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_saved_dataset_folder_of_conversations_is_read_as_on_the_driver(local_ray, tiny_causal, tmp_path):
+    from datasets import Dataset
+
+    from jobs.demo_data import demo_conversations
+
+    Dataset.from_list(demo_conversations(40, seed=6)).save_to_disk(str(tmp_path / "saved"))
+    run = _run(tiny_causal, tmp_path / "saved", "data.validation_fraction=0")
+    streamed = ray_data.prepare(run, _prompting(run))
+    driver = prepare(run.data, _prompting(run))
+    assert streamed.report["layout"] == "messages" and streamed.train_rows == 40
+    assert _token_rows(streamed.train) == _token_rows(driver.train)
