@@ -188,11 +188,15 @@ def parse_squad(content: bytes, path: str) -> RawData:
     return data
 
 
+def is_saved_dataset(path: str) -> bool:
+    """A folder written by `save_to_disk` (a Dataset or a DatasetDict)."""
+    return any((Path(path) / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
 def load_hf_dataset(cfg: DataConfig) -> Dataset:
     """A dataset folder (`save_to_disk`) or a hub dataset id, at data.split."""
-    path = Path(cfg.path)
-    if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
-        loaded = load_from_disk(str(path))
+    if is_saved_dataset(cfg.path):
+        loaded = load_from_disk(cfg.path)
         return loaded[cfg.split] if hasattr(loaded, "keys") else loaded
     return load_dataset(cfg.path, split=cfg.split)
 

@@ -39,6 +39,7 @@ from jobs.data import (
     check_unusable,
     columns_of,
     encode,
+    is_saved_dataset,
     load_hf_dataset,
     parse_jsonl,
     parse_squad,
@@ -82,7 +83,7 @@ class StreamedData:
 
 def source_files(cfg: DataConfig, fmt: str) -> list[str]:
     """data.path's files: the file itself, or every file of the format under the folder (sorted)."""
-    fs, root = pafs.FileSystem.from_uri(cfg.path if "://" in cfg.path else str(Path(cfg.path).resolve()))
+    fs, root = _filesystem(cfg.path)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
         return [_uri(cfg.path, root)]
@@ -95,6 +96,10 @@ def source_files(cfg: DataConfig, fmt: str) -> list[str]:
     return [_uri(cfg.path, path) for path in files]
 
 
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(path if "://" in path else str(Path(path).resolve()))
+
+
 def _uri(path: str, fs_path: str) -> str:
     return f"{path.split('://', 1)[0]}://{fs_path}" if "://" in path else fs_path
 
@@ -105,10 +110,10 @@ def folder_format(cfg: DataConfig) -> str:
         return resolve_format(cfg)
     if "://" not in cfg.path and Path(cfg.path).is_file():
         return resolve_format(cfg)
-    fs, root = pafs.FileSystem.from_uri(cfg.path if "://" in cfg.path else str(Path(cfg.path).resolve()))
+    fs, root = _filesystem(cfg.path)
     if fs.get_file_info(root).type == pafs.FileType.File:
         return resolve_format(cfg.model_copy(update={"path": Path(root).name}))
-    if "://" not in cfg.path and (Path(cfg.path) / "dataset_info.json").exists():
+    if "://" not in cfg.path and is_saved_dataset(cfg.path):
         return "hf"
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
         for fmt in ("jsonl", "parquet", "csv"):
