@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,9 @@ SUFFIXES = {
 }
 # Rows of the first file that decide the layout and the columns, as the driver path's whole file does.
 SAMPLE_ROWS = 1000
+# A JSONL file is read in parts of this many bytes (some 8,000 rows of 256 bytes), one Ray task each: one
+# big file would be one task and one block, and every stage after it would run on one CPU.
+PART_BYTES = 2 * 2**20
 TOKEN_COLUMNS = ["input_ids", "attention_mask", "labels"]
 # What the driver reads back of the tokenized rows: lengths and flags, never the tokens.
 SUMMARY_COLUMNS = "kind file row prompt_tokens target_tokens truncated dropped_turns too_long problem".split()
@@ -147,11 +151,74 @@ def read_file(uri: str, fmt: str) -> RawData:
     return RawData(rows=list(enumerate(records, start=1)))
 
 
-def _file_rows(item: dict[str, Any], fmt: str, name_of: dict[str, str]) -> list[dict[str, Any]]:
-    """flat_map: a file to one row per record (the record as JSON text: files may differ in columns) and
-    one per unreadable line."""
-    raw = read_file(item["file"], fmt)
-    name = name_of[item["file"]]
+def _file_parts(files: list[str], fmt: str) -> list[dict[str, Any]]:
+    """Ray tasks' shares of the files: a whole file, or for JSONL a byte range of PART_BYTES with the row
+    number of its first line (from a newline count of the parts before it, itself done in Ray tasks)."""
+    if fmt != "jsonl":
+        return [{"file": f, "start": 0, "end": -1, "first_row": 1} for f in files]
+    parts = [part for uri in files for part in byte_ranges(uri)]
+    # A second read of the bytes, but a cheap one: counting newlines is far faster than parsing JSON.
+    counts = ray.get([_newlines.remote(p["file"], p["start"], p["end"]) for p in parts])
+    return numbered(parts, counts)
+
+
+def byte_ranges(uri: str) -> list[dict[str, Any]]:
+    fs, path = pafs.FileSystem.from_uri(uri)
+    size = fs.get_file_info(path).size
+    return [{"file": uri, "start": s, "end": min(s + PART_BYTES, size)} for s in range(0, max(size, 1), PART_BYTES)]
+
+
+def count_newlines(uri: str, start: int, end: int) -> int:
+    fs, path = pafs.FileSystem.from_uri(uri)
+    with fs.open_input_file(path) as handle:
+        return handle.read_at(end - start, start).count(b"\n")
+
+
+_newlines = ray.remote(count_newlines)
+
+
+def numbered(parts: list[dict[str, Any]], newlines: list[int]) -> list[dict[str, Any]]:
+    """Each part with `first_row`: the number of lines before its start in its file, plus one."""
+    before = 0
+    for part, count in zip(parts, newlines, strict=True):
+        before = 0 if part["start"] == 0 else before
+        part["first_row"], before = before + 1, before + count
+    return parts
+
+
+def read_part(part: dict[str, Any]) -> tuple[bytes, int]:
+    """A JSONL part's lines: those that start in [start, end), read through the end of the last one, and
+    the first one's row number."""
+    fs, path = pafs.FileSystem.from_uri(part["file"])
+    with fs.open_input_file(path) as handle:
+        start, end, size = part["start"], part["end"], handle.size()
+        head = max(start - 1, 0)
+        content = handle.read_at(end - head, head)
+        while end < size and not content.endswith(b"\n"):  # the last line runs on past the part
+            more = handle.read_at(min(1 << 16, size - end), end)
+            cut = more.find(b"\n")
+            content, end = content + (more if cut < 0 else more[: cut + 1]), end + (len(more) if cut < 0 else cut + 1)
+    if start == 0:
+        return content, 1
+    if content[:1] == b"\n":  # a line starts right at `start`
+        return content[1:], part["first_row"]
+    cut = content.find(b"\n")  # the line under way at `start` belongs to the part before
+    return (content[cut + 1 :], part["first_row"] + 1) if cut >= 0 else (b"", part["first_row"])
+
+
+def _file_rows(part: dict[str, Any], fmt: str, name_of: dict[str, str]) -> list[dict[str, Any]]:
+    """flat_map: a file or a JSONL part to one row per record (the record as JSON text: files may differ in
+    columns) and one per unreadable line."""
+    if fmt == "jsonl" and part["end"] >= 0:
+        content, first = read_part(part)
+        raw = parse_jsonl(io.BytesIO(content))
+        shift = first - 1
+        raw = RawData(
+            rows=[(n + shift, r) for n, r in raw.rows], bad=[BadRow(b.row + shift, b.field, b.reason) for b in raw.bad]
+        )
+    else:
+        raw = read_file(part["file"], fmt)
+    name = name_of[part["file"]]
     rows = [{"file": name, "row": n, "record": json.dumps(r, default=str), "bad": ""} for n, r in raw.rows]
     rows += [{"file": name, "row": b.row, "record": "", "bad": json.dumps([b.field, b.reason])} for b in raw.bad]
     return rows
@@ -164,24 +231,30 @@ def in_validation(file: str, row: int, cfg: DataConfig) -> bool:
 
 
 def _check_batch(batch: dict[str, np.ndarray], cfg: DataConfig, fmt: str, layout: str, columns: set[str]):
-    """map_batches: rows to examples (as JSON text) or their problems, and each example's side of the split."""
+    """map_batches: rows to examples (as JSON text) or their problems, and each example's side of the split.
+    `to_examples` runs once per file's rows in the batch: row numbers are unique only within a file."""
     out: dict[str, list] = {"file": [], "row": [], "kind": [], "first": [], "example": []}
 
     def add(file: str, row: int, kind: str, first: bool, example: str) -> None:
         for key, value in zip(out, (file, row, kind, first, example), strict=True):
             out[key].append(value)
 
-    for file, row, record, bad in zip(batch["file"], batch["row"], batch["record"], batch["bad"], strict=True):
-        if bad:
-            add(file, int(row), "bad", True, bad)
-            continue
-        raw = RawData(rows=[(int(row), json.loads(record))])
+    for file in dict.fromkeys(batch["file"]):
+        mine = batch["file"] == file
+        raw = RawData(rows=[], bad=[])
+        for row, record, bad in zip(batch["row"][mine], batch["record"][mine], batch["bad"][mine], strict=True):
+            if bad:
+                raw.bad.append(BadRow(int(row), *json.loads(bad)))
+            else:
+                raw.rows.append((int(row), json.loads(record)))
         examples, problems, _ = to_examples(raw, cfg, fmt, layout, columns)
-        for i, problem in enumerate(problems):
-            add(file, int(row), "bad", i == 0, json.dumps([problem.field, problem.reason]))
+        seen: set[int] = set()
+        for problem in problems:
+            add(file, problem.row, "bad", problem.row not in seen, json.dumps([problem.field, problem.reason]))
+            seen.add(problem.row)
         for example in examples:
-            kind = "validation" if in_validation(file, int(row), cfg) else "train"
-            add(file, int(row), kind, True, json.dumps(example, ensure_ascii=False))
+            kind = "validation" if in_validation(file, example["row"], cfg) else "train"
+            add(file, example["row"], kind, True, json.dumps(example, ensure_ascii=False))
     return out
 
 
@@ -227,10 +300,26 @@ def _read(cfg: DataConfig, fmt: str) -> tuple[ray.data.Dataset, RawData, bool]:
     files = source_files(cfg, fmt)
     base = cfg.path.rstrip("/")
     name_of = {f: (Path(f).name if len(files) == 1 else f.removeprefix(base).lstrip("/")) for f in files}
-    sample = read_file(files[0], fmt)
-    sample = RawData(rows=sample.rows[:SAMPLE_ROWS], bad=sample.bad)
-    items = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
-    return items.flat_map(_file_rows, fn_kwargs={"fmt": fmt, "name_of": name_of}), sample, len(files) == 1
+    parts = _file_parts(files, fmt)
+    items = ray.data.from_items(parts, override_num_blocks=len(parts))
+    return (
+        items.flat_map(_file_rows, fn_kwargs={"fmt": fmt, "name_of": name_of}),
+        _sample(files[0], fmt),
+        len(files) == 1,
+    )
+
+
+def _sample(uri: str, fmt: str) -> RawData:
+    """The first SAMPLE_ROWS rows of a file; of JSONL only those lines are read: the driver never holds a big file."""
+    if fmt != "jsonl":
+        raw = read_file(uri, fmt)
+        return RawData(rows=raw.rows[:SAMPLE_ROWS], bad=raw.bad)
+    fs, path = pafs.FileSystem.from_uri(uri)
+    with fs.open_input_stream(path) as stream:
+        lines = list(itertools.islice(io.BufferedReader(stream), SAMPLE_ROWS))
+    if not lines:
+        raise DataError(f"{uri}: the file is empty")
+    return parse_jsonl(lines)
 
 
 def _read_on_driver(cfg: DataConfig, fmt: str) -> tuple[ray.data.Dataset, RawData]:

@@ -46,7 +46,8 @@ def _write_jsonl(path, rows) -> str:
 
 
 @pytest.mark.parametrize("name", sorted(set(BROKEN_DATA) - {"blank-lines.jsonl"}))
-def test_the_broken_corpus_is_refused_with_file_row_and_field_as_on_the_driver(local_ray, tiny_causal, name):
+def test_the_broken_corpus_is_refused_with_file_row_and_field_as_on_the_driver(local_ray, tiny_causal, monkeypatch, name):
+    monkeypatch.setattr(ray_data, "PART_BYTES", 64)  # JSONL files in many parts: row numbers still the file's
     run = _run(tiny_causal, CORPUS / "data" / name)
     with pytest.raises(DataError) as err:
         ray_data.prepare(run, _prompting(run))
@@ -60,8 +61,10 @@ def _token_rows(dataset) -> Counter:
     return Counter(json.dumps([list(r["input_ids"]), list(r["labels"])]) for r in rows)
 
 
+@pytest.mark.parametrize("part_bytes", [ray_data.PART_BYTES, 3000], ids=["one part", "many parts"])
 @pytest.mark.parametrize("kind", ["prompts", "conversations"])
-def test_the_same_tokens_and_report_figures_as_the_driver_path(local_ray, tiny_causal, tmp_path, kind):
+def test_the_same_tokens_and_report_figures_as_the_driver_path(local_ray, tiny_causal, tmp_path, monkeypatch, kind, part_bytes):
+    monkeypatch.setattr(ray_data, "PART_BYTES", part_bytes)
     if kind == "prompts":
         rows = demo_rows(300, seed=3)
         rows[7]["output"], rows[100]["input"] = "", None  # two bad rows, skipped and counted
@@ -97,7 +100,8 @@ def test_a_folder_of_parquet_files_names_the_file_of_a_bad_row(local_ray, tiny_c
     assert streamed.report["bad_row_details"] == ["part-1.parquet row 11: output: missing or empty"]
 
 
-def test_an_s3_prefix_of_jsonl_parts_is_read_on_the_cluster(local_ray, s3, tiny_causal):
+def test_an_s3_prefix_of_jsonl_parts_is_read_on_the_cluster(local_ray, s3, tiny_causal, monkeypatch):
+    monkeypatch.setattr(ray_data, "PART_BYTES", 1000)  # each object read in byte ranges
     fs, root = pafs.FileSystem.from_uri(f"{s3}/rows")
     rows = demo_rows(90, seed=2)
     for part in range(3):
