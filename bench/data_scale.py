@@ -6,9 +6,9 @@ For each size, generated demo rows (JSONL) with SmolLM2's tokenizer and chat tem
 fresh process pinned with taskset:
 - driver (`data.loader: driver`): `jobs.data.prepare` (read, check, split, tokenize in the driver) on
   1 CPU and on 2 CPUs, then `ray.put` of the tokenized data for the workers;
-- Ray Data (`data.loader: ray_data`): `jobs.ray_data.prepare` (read in Ray tasks, check in map_batches,
-  tokenize in a map_batches actor pool; the driver keeps only counts and histograms) on a local Ray
-  of 1 CPU and of 2 CPUs; the worker streams its shard.
+- Ray Data (`data.loader: ray_data`): `jobs.ray_data.prepare` (read in Ray tasks, the JSONL file in
+  2 MiB parts, check in map_batches, tokenize in a map_batches actor pool; the driver keeps only
+  counts and histograms) on a local Ray of 1 CPU and of 2 CPUs; the worker streams its shard.
 Measured: rows/s of the preparation, the driver's peak RSS, and the time from the start to the first
 collated batch in a Ray Train worker (loading the model, the same for both, is left out).
 """

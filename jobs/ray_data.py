@@ -405,6 +405,7 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
         usable = usable.limit(cfg.max_samples)
     # Materialized before the tokenizer actors: a filter task holding the last CPU would leave none for them.
     usable = usable.materialize()
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     encoded = usable.map_batches(
         Encoder,
         fn_constructor_kwargs={
@@ -413,8 +414,9 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
             "kind": prompting.kind,
             "use_chat": prompting.use_chat,
         },
-        # From one actor up to one per CPU: a fixed pool would wait for CPUs the read tasks still hold.
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))),
+        # One actor per CPU, all started at once (the reads are done: `usable` is materialized), going on with
+        # fewer while CPUs are held elsewhere.
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus, initial_size=cpus),
         batch_size=256,
     ).materialize()
     conversation = layout in ("messages", "sharegpt")
