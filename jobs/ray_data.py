@@ -1,7 +1,7 @@
 """Training data on Ray Data (`data.loader: ray_data`): for data that outgrows the driver.
 
-Files (local or `s3://`, one file or a folder of them) are read in Ray tasks, one per file; rows
-are checked and split in `map_batches` tasks, tokenized in `map_batches` actors (one tokenizer
+Files (local or `s3://`, one file or a folder of them) are read in Ray tasks, one per file or per
+2 MiB part of a JSONL file; rows are checked and split in `map_batches` tasks, tokenized in `map_batches` actors (one tokenizer
 each, as many as the cluster has CPUs), and the result stays in the object store. The driver keeps
 only what the report needs: counts, the first bad rows, and token-length histograms. Each Ray Train
 worker streams its shard of the training rows (`ray.train.get_dataset_shard`).
