@@ -114,10 +114,11 @@ def _read_jsonl(path: Path) -> RawData:
         return parse_jsonl(handle)
 
 
-def parse_jsonl(lines) -> RawData:
-    """JSONL lines (bytes) to rows numbered from 1; a line that is not a JSON object is a bad row."""
+def parse_jsonl(lines, first_row: int = 1) -> RawData:
+    """JSONL lines (bytes) to rows numbered from `first_row` (a part of a file starts further on); a line
+    that is not a JSON object is a bad row."""
     data = RawData(rows=[])
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(lines, start=first_row):
         if not line.strip():
             continue
         try:

@@ -1,10 +1,11 @@
 """Training data on Ray Data (`data.loader: ray_data`): for data that outgrows the driver.
 
 Files (local or `s3://`, one file or a folder of them) are read in Ray tasks, one per file or per
-2 MiB part of a JSONL file; rows are checked and split in `map_batches` tasks, tokenized in `map_batches` actors (one tokenizer
-each, as many as the cluster has CPUs), and the result stays in the object store. The driver keeps
-only what the report needs: counts, the first bad rows, and token-length histograms. Each Ray Train
-worker streams its shard of the training rows (`ray.train.get_dataset_shard`).
+2 MiB part of a JSONL file; rows are checked and split in `map_batches` tasks, tokenized in
+`map_batches` actors (one tokenizer each, as many as the cluster has CPUs), and the result stays in
+the object store. The driver keeps only what the report needs: counts, the first bad rows, and
+token-length histograms. Each Ray Train worker streams its shard of the training rows
+(`ray.train.get_dataset_shard`).
 
 The same row functions as the driver path (`jobs.data`) read, check and tokenize, so a row gets the
 same tokens either way. The split differs: a row is held out when a seeded hash of its file and row
@@ -127,14 +128,13 @@ def folder_format(cfg: DataConfig) -> str:
 
 
 def read_file(uri: str, fmt: str) -> RawData:
-    """One file's rows, numbered from 1 as in the driver path (CSV/Parquet: data rows, header not counted)."""
+    """A whole file's rows, numbered from 1 as in the driver path (CSV/Parquet: data rows, header not counted).
+    JSONL files are read in parts instead (`read_part`)."""
     fs, path = pafs.FileSystem.from_uri(uri)
     with fs.open_input_file(path) as handle:
         content = handle.read()
     if not content:
         raise DataError(f"{uri}: the file is empty")
-    if fmt == "jsonl":
-        return parse_jsonl(io.BytesIO(content))
     if fmt == "squad":
         return parse_squad(content, uri)
     if fmt == "json":
@@ -155,7 +155,7 @@ def _file_parts(files: list[str], fmt: str) -> list[dict[str, Any]]:
     """Ray tasks' shares of the files: a whole file, or for JSONL a byte range of PART_BYTES with the row
     number of its first line (from a newline count of the parts before it, itself done in Ray tasks)."""
     if fmt != "jsonl":
-        return [{"file": f, "start": 0, "end": -1, "first_row": 1} for f in files]
+        return [{"file": f} for f in files]
     parts = [part for uri in files for part in byte_ranges(uri)]
     # A second read of the bytes, but a cheap one: counting newlines is far faster than parsing JSON.
     counts = ray.get([_newlines.remote(p["file"], p["start"], p["end"]) for p in parts])
@@ -209,13 +209,9 @@ def read_part(part: dict[str, Any]) -> tuple[bytes, int]:
 def _file_rows(part: dict[str, Any], fmt: str, name_of: dict[str, str]) -> list[dict[str, Any]]:
     """flat_map: a file or a JSONL part to one row per record (the record as JSON text: files may differ in
     columns) and one per unreadable line."""
-    if fmt == "jsonl" and part["end"] >= 0:
+    if fmt == "jsonl":
         content, first = read_part(part)
-        raw = parse_jsonl(io.BytesIO(content))
-        shift = first - 1
-        raw = RawData(
-            rows=[(n + shift, r) for n, r in raw.rows], bad=[BadRow(b.row + shift, b.field, b.reason) for b in raw.bad]
-        )
+        raw = parse_jsonl(io.BytesIO(content), first_row=first)
     else:
         raw = read_file(part["file"], fmt)
     name = name_of[part["file"]]
@@ -241,7 +237,7 @@ def _check_batch(batch: dict[str, np.ndarray], cfg: DataConfig, fmt: str, layout
 
     for file in dict.fromkeys(batch["file"]):
         mine = batch["file"] == file
-        raw = RawData(rows=[], bad=[])
+        raw = RawData(rows=[])
         for row, record, bad in zip(batch["row"][mine], batch["record"][mine], batch["bad"][mine], strict=True):
             if bad:
                 raw.bad.append(BadRow(int(row), *json.loads(bad)))
