@@ -163,7 +163,8 @@ class VllmEngine:
         self.cfg = run.serve
         # Ray sets OMP_NUM_THREADS to the replica's CPUs, and vLLM then keeps that many torch threads in its engine
         # loop, where they spin-wait between ops (its own default is one; compute threads are bound by
-        # VLLM_CPU_OMP_THREADS_BIND). A lone request ran 1.43x slower than bare vLLM with it (bench/serve_load.py).
+        # VLLM_CPU_OMP_THREADS_BIND). A lone request ran 1.43x slower than bare vLLM with it (bench/serve_load.py's
+        # lone-request functions, one run).
         os.environ.pop("OMP_NUM_THREADS", None)
         self.llm = AsyncLLM.from_engine_args(engine_args(run))
         with torch.device("meta"):  # the base's shapes, without weights, to check that an adapter fits
