@@ -1,4 +1,4 @@
-"""Padding-free packing (training.packing: padding_free): a flattened batch trains exactly as the
+"""Padding-free packing (training.packing: padding_free): a batch packed into rows trains exactly as the
 padded one (loss and gradients), on sdpa and eager attention; refused where it cannot work."""
 
 import pytest
@@ -10,6 +10,7 @@ from jobs.data import encode
 from jobs.demo_data import demo_rows
 from jobs.prompting import Prompting
 from jobs.train import check_packing, collator, training_arguments
+from jobs.train.packing import first_fit_rows
 
 
 def _batch(tiny_causal: str):
@@ -40,8 +41,10 @@ def test_a_padding_free_batch_has_the_padded_batchs_loss_and_gradients(tiny_caus
     model.config.use_cache = False  # as in training (jobs/model.py)
     padded = DataCollatorForSeq2Seq(prompting.tokenizer, label_pad_token_id=-100)(features)
     packed = collator(run, prompting)(features)
-    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
-    assert packed["input_ids"].shape[1] == int(padded["attention_mask"].sum())  # no padding token left
+    real = int(padded["attention_mask"].sum())
+    assert "attention_mask" not in packed and packed["input_ids"].shape[1] <= 2 * padded["input_ids"].shape[1]
+    assert 1 < packed["input_ids"].shape[0] < len(features)  # several rows, fewer than the examples
+    assert real < packed["input_ids"].numel() <= padded["input_ids"].numel()  # a row ends in padding: tested too
     loss, grads = _loss_and_grads(model, padded)
     packed_loss, packed_grads = _loss_and_grads(model, packed)
     assert packed_loss == pytest.approx(loss, rel=1e-5)
@@ -66,3 +69,14 @@ def test_group_by_length_picks_the_length_grouped_sampler(tmp_path):
     args = training_arguments(load_config(None, ["training.group_by_length=true"]), str(tmp_path), True)
     assert args.train_sampling_strategy == "group_by_length"
     assert training_arguments(load_config(None, []), str(tmp_path), True).train_sampling_strategy == "random"
+
+
+def test_rows_are_filled_longest_first_and_never_wider_than_asked():
+    assert first_fit_rows([5, 2, 3, 9, 4], width=9) == [[3], [0, 4], [2, 1]]
+    assert first_fit_rows([3, 3, 3], width=3) == [[0], [1], [2]]
+    lengths = [17, 3, 11, 8, 8, 1, 6, 12, 2]
+    for width in (17, 34):
+        rows = first_fit_rows(lengths, width)
+        assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in row) <= width for row in rows)
+    assert len(first_fit_rows(lengths, 34)) == 2  # 68 tokens fill two rows of 34 exactly

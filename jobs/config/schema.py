@@ -83,7 +83,7 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (non-reentrant, DDP-safe).")
     deepspeed: str | dict[str, Any] | None = Field(None, description="DeepSpeed config (file path or inline dict); ZeRO-2 works with 4-bit.")
     dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes per Ray worker.")
-    packing: Literal["none", "padding_free"] = Field("none", description="padding_free: each batch is one row of its examples end to end, no padding (causal models; position ids keep them apart).")
+    packing: Literal["none", "padding_free"] = Field("none", description="padding_free: each batch's examples end to end in rows twice its longest example wide, padding only at row ends (causal models; position ids keep them apart).")
     group_by_length: bool = Field(False, description="Batch examples of similar length together: less padding (HF's length-grouped sampler).")
 
 

@@ -28,7 +28,6 @@ import torch
 from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 from transformers import (
     DataCollatorForSeq2Seq,
-    DataCollatorWithFlattening,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -40,6 +39,7 @@ from jobs.data import PreparedData, prepare
 from jobs.evaluation import task_metrics
 from jobs.model import load_for_training, load_tokenizer, parameter_counts
 from jobs.prompting import Prompting
+from jobs.train.packing import PackedRowsCollator
 
 log = logging.getLogger("lorafleet.train")
 FAIL_AT_ENV = "LORAFLEET_FAIL_AT"
@@ -211,11 +211,11 @@ def training_arguments(
 
 
 def collator(run: RunConfig, prompting: Prompting):
-    """Padded batches, or (training.packing: padding_free) each batch as one row of its examples end to end:
-    position ids restart at every example, so attention and the loss stay inside it (sdpa/eager with the KV cache
-    off, as in training: tests/test_packing.py checks the loss equals the padded batch's)."""
+    """Padded batches, or (training.packing: padding_free) the examples end to end in a few rows
+    (`jobs.train.packing`): position ids restart at every example, so attention and the loss stay inside it
+    (sdpa/eager with the KV cache off, as in training: tests/test_packing.py checks the padded batch's loss)."""
     if run.training.packing == "padding_free":
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+        return PackedRowsCollator(prompting.tokenizer.pad_token_id)
     return DataCollatorForSeq2Seq(prompting.tokenizer, label_pad_token_id=-100)
 
 
