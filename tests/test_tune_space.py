@@ -137,3 +137,18 @@ def test_final_step_between_evaluations_is_evaluated():
         control = TrainerControl()
         FinalEvaluationCallback().on_step_end(args, TrainerState(global_step=step, max_steps=10 if step != 8 else 8), control)
         assert control.should_evaluate is expected, step
+
+
+def test_target_sets_come_from_the_configured_revision(tiny_causal, monkeypatch):
+    from transformers import AutoConfig
+
+    asked = []
+    real = AutoConfig.from_pretrained.__func__
+
+    def recording(cls, name, **kwargs):
+        asked.append(kwargs)
+        return real(cls, name, trust_remote_code=kwargs.get("trust_remote_code", False))
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", classmethod(recording))
+    linear_layers(load_config(None, [f"model.name={tiny_causal}", "model.revision=v1.2"]))
+    assert asked and asked[0]["revision"] == "v1.2"

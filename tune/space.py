@@ -14,11 +14,10 @@ from typing import Any
 
 import torch
 from ray import tune
-from transformers import AutoConfig
 from transformers.pytorch_utils import Conv1D
 
 from jobs.config import ConfigError, RunConfig, SearchDimension, set_dotted
-from jobs.model import auto_model_class, model_kind, model_path
+from jobs.model import auto_model_class, model_config, model_kind
 
 # Settings that change how many optimizer steps a trial runs.
 STEP_KEYS = (
@@ -32,7 +31,7 @@ STEP_KEYS = (
 
 def linear_layers(run: RunConfig) -> tuple[list[str], list[str]]:
     """(attention, other) projection names of the architecture, as `parent.child` suffixes PEFT matches."""
-    config = AutoConfig.from_pretrained(model_path(run.model), trust_remote_code=run.model.trust_remote_code)
+    config = model_config(run.model)  # model.revision's config, as training loads it
     with torch.device("meta"):
         model = auto_model_class(model_kind(run.model)).from_config(
             config, trust_remote_code=run.model.trust_remote_code
