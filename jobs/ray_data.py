@@ -1,10 +1,12 @@
 """Training data on Ray Data (`data.loader: ray_data`): for data that outgrows the driver.
 
 Files (local or `s3://`, one file or a folder of them) are read in Ray tasks, one per file or per
-2 MiB part of a JSONL file; rows are checked and split in `map_batches` tasks, tokenized in
-`map_batches` actors (one tokenizer each, as many as the cluster has CPUs), and the result stays in
-the object store. The driver keeps only what the report needs: counts, the first bad rows, and
-token-length histograms. Each Ray Train worker streams its shard of the training rows
+2 MiB part of a JSONL file; rows are checked and split in `map_batches` tasks, all of them before training (a bad
+row is an error before any Train worker starts; the steps come from the counted rows). The held-out rows and the
+first STATS_ROWS training rows are then tokenized in `map_batches` actors (one tokenizer each, as many as the cluster
+has CPUs) for the report's token figures; beyond those, the training rows are tokenized as the Train workers read
+them, so that the first step does not wait for the whole set. The driver keeps only what the report needs: counts,
+the first bad rows, and token-length histograms. Each Ray Train worker streams its shard of the training rows
 (`ray.train.get_dataset_shard`).
 
 The same row functions as the driver path (`jobs.data`) read, check and tokenize, so a row gets the
@@ -67,6 +69,9 @@ SAMPLE_ROWS = 1000
 # big file would be one task and one block, and every stage after it would run on one CPU.
 PART_BYTES = 2 * 2**20
 TOKEN_COLUMNS = ["input_ids", "attention_mask", "labels"]
+# Training rows tokenized before training, for the report's token figures: with more, the others are tokenized as
+# the Train workers read them (the report then says its token figures come from the first STATS_ROWS).
+STATS_ROWS = 5000
 # What the driver reads back of the tokenized rows: lengths and flags, never the tokens.
 SUMMARY_COLUMNS = "kind file row prompt_tokens target_tokens truncated dropped_turns too_long problem".split()
 
@@ -255,19 +260,25 @@ def _check_batch(batch: dict[str, np.ndarray], cfg: DataConfig, fmt: str, layout
 
 
 class Encoder:
-    """map_batches actor: one tokenizer, loaded once, the driver path's `encode` per row."""
+    """map_batches actor: one tokenizer, loaded once, the driver path's `encode` per row. `streamed`: only the token
+    columns of the rows that train (a conversation left unusable by its tokens is dropped), for the Train workers."""
 
-    def __init__(self, model: ModelConfig, data: DataConfig, kind: str, use_chat: bool):
+    def __init__(self, model: ModelConfig, data: DataConfig, kind: str, use_chat: bool, streamed: bool = False):
         from jobs.model import load_tokenizer
         from jobs.prompting import Prompting
 
         self.data = data
         self.prompting = Prompting(load_tokenizer(model), kind, use_chat)
+        self.streamed = streamed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = []
         for file, row, kind, text in zip(batch["file"], batch["row"], batch["kind"], batch["example"], strict=True):
             encoded = encode(json.loads(text), self.prompting, self.data)
+            if self.streamed:
+                if not encoded.get("problem") and not encoded.get("too_long"):
+                    rows.append({key: encoded[key] for key in TOKEN_COLUMNS})
+                continue
             rows.append(
                 {
                     "input_ids": encoded["input_ids"],
@@ -395,28 +406,22 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
     check_bad_rows(bad, cfg, total, problem_count)
     if not valid:
         raise DataError(f"{cfg.path}: none of the {total} row(s) is usable:\n" + "\n".join(f"  - {b}" for b in bad))
-    usable = checked.filter(lambda row: row["kind"] != "bad")
     used = min(valid, cfg.max_samples or valid)
+    # Without data.max_samples each side is filtered from the checked rows: one pass over them less.
+    usable = checked
     if cfg.max_samples:
-        usable = usable.limit(cfg.max_samples)
-    # Materialized before the tokenizer actors: a filter task holding the last CPU would leave none for them.
-    usable = usable.materialize()
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    encoded = usable.map_batches(
-        Encoder,
-        fn_constructor_kwargs={
-            "model": run.model,
-            "data": cfg,
-            "kind": prompting.kind,
-            "use_chat": prompting.use_chat,
-        },
-        # One actor per CPU, all started at once (the reads are done: `usable` is materialized), going on with
-        # fewer while CPUs are held elsewhere.
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus, initial_size=cpus),
-        batch_size=256,
-    ).materialize()
+        usable = checked.filter(lambda row: row["kind"] != "bad").limit(cfg.max_samples).materialize()
     conversation = layout in ("messages", "sharegpt")
-    stats = _token_stats(encoded, cfg, conversation, single_file)
+    encode_args = {"model": run.model, "data": cfg, "kind": prompting.kind, "use_chat": prompting.use_chat}
+    # Both sides materialized before the tokenizer actors: a filter task holding the last CPU would leave none for them.
+    to_train = usable.filter(lambda row: row["kind"] == "train").materialize()
+    counted = to_train.count()
+    streamed = counted > STATS_ROWS
+    head, tail = to_train.split_at_indices([STATS_ROWS]) if streamed else (to_train, None)
+    held_out_rows = usable.filter(lambda row: row["kind"] == "validation").materialize()
+    measured = _encoded(held_out_rows.union(head), encode_args)
+    stats = _token_stats(measured, cfg, conversation, single_file)
+    held_out = measured.filter(lambda row: row["kind"] == "validation")
     if cfg.validation_fraction and not stats.get("validation", {}).get("rows"):
         raise DataError(
             f"{cfg.path}: none of the {used} usable row(s) fell in the held-out share data.validation_fraction = "
@@ -425,8 +430,16 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
     if not stats.get("train", {}).get("rows"):
         raise DataError(f"{cfg.path}: no usable row is left for training; add rows or lower data.validation_fraction")
     if conversation:
-        encoded = encoded.filter(lambda row: not row["problem"] and not row["too_long"])
-    held_out = encoded.filter(lambda row: row["kind"] == "validation") if cfg.validation_fraction else None
+        held_out = held_out.filter(lambda row: not row["problem"] and not row["too_long"])
+    train_rows = stats["train"]["rows"]
+    train = _train_tokens(measured, conversation)
+    if streamed:
+        # Conversations the tokenizer leaves unusable are dropped as they stream: their share is the measured one.
+        train_rows = round(counted * stats["train"]["rows"] / STATS_ROWS)
+        stats["train"] |= {"rows": train_rows, "token_figures_from_rows": STATS_ROWS}
+        # The measured rows train first, while the actors of the rest start.
+        train = train.union(_streamed_tokens(tail, encode_args))
+    has_eval = bool(cfg.validation_fraction)
     report = {
         "source": cfg.path,
         "format": fmt if layout == "prompt" else f"{fmt} ({layout})",
@@ -439,18 +452,50 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
         "bad_row_details": [str(b) for b in bad],
         "rows_left_out_by_max_samples": valid - used,
         "train": stats["train"],
-        **({"validation": stats["validation"]} if held_out is not None else {}),
+        **({"validation": stats["validation"]} if has_eval else {}),
     }
     return StreamedData(
-        # Materialized: the Train workers may hold every CPU, and a lazy filter would then wait for one forever.
-        train=encoded.filter(lambda row: row["kind"] == "train").select_columns(TOKEN_COLUMNS).materialize(),
-        eval=held_out.select_columns(TOKEN_COLUMNS).materialize() if held_out is not None else None,
+        train=train,
+        eval=held_out.select_columns(TOKEN_COLUMNS).materialize() if has_eval else None,
         eval_examples=[json.loads(r["example"]) for r in held_out.take(run.eval.during_training_samples)]
-        if held_out is not None and run.eval.during_training_samples
+        if has_eval and run.eval.during_training_samples
         else [],
         report=report,
-        train_rows=stats["train"]["rows"],
+        train_rows=train_rows,
         made_from=(cfg, run.model.name),
+    )
+
+
+def _encoded(rows: ray.data.Dataset, encode_args: dict[str, Any]) -> ray.data.Dataset:
+    """Rows tokenized now, with the figures the report needs: one actor per CPU, all started at once (the reads are
+    done: `rows` comes from a materialized set), going on with fewer while CPUs are held elsewhere."""
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return rows.map_batches(
+        Encoder,
+        fn_constructor_kwargs=encode_args,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus, initial_size=cpus),
+        batch_size=256,
+    ).materialize()
+
+
+def _train_tokens(encoded: ray.data.Dataset, conversation: bool) -> ray.data.Dataset:
+    if conversation:
+        encoded = encoded.filter(lambda row: not row["problem"] and not row["too_long"])
+    # Materialized: the Train workers may hold every CPU, and a lazy filter would then wait for one forever.
+    return encoded.filter(lambda row: row["kind"] == "train").select_columns(TOKEN_COLUMNS).materialize()
+
+
+def _streamed_tokens(to_train: ray.data.Dataset, encode_args: dict[str, Any]) -> ray.data.Dataset:
+    """The training rows tokenized as the Train workers read them (lazy), so that training starts after the checks,
+    not after the tokenization of the whole set. The actors ask for no CPU: the Train workers may hold every CPU,
+    and an actor waiting for one would stall training forever; they share the cores with training instead."""
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return to_train.map_batches(
+        Encoder,
+        fn_constructor_kwargs={**encode_args, "streamed": True},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
+        num_cpus=0,
+        batch_size=256,
     )
 
 

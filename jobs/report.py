@@ -121,6 +121,8 @@ def _data_section(data: dict[str, Any]) -> str:
                 rows += [(f"{split}: turns dropped (data.truncation)", s["dropped_turns"]),
                          (f"{split}: skipped, longer than data.max_length", s["too_long_skipped"]),
                          (f"{split}: skipped, chat template problems", s["template_problems_skipped"])]
+            if "token_figures_from_rows" in s:
+                rows += [(f"{split}: token figures", f"from its first {s['token_figures_from_rows']:,} rows; the rest were tokenized as the workers read them")]
     text = _table(rows)
     if data["bad_row_details"]:
         text += "\n\nBad rows (first {}):\n\n".format(len(data["bad_row_details"])) + "\n".join(f"- {d}" for d in data["bad_row_details"])

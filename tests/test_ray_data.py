@@ -10,6 +10,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import ray
+from ray.data.dataset import MaterializedDataset
 
 from jobs import ray_data
 from jobs.config import load_config
@@ -85,6 +86,26 @@ def test_the_same_tokens_and_report_figures_as_the_driver_path(local_ray, tiny_c
     assert streamed.report["loader"] == "ray_data"
 
 
+@pytest.mark.parametrize("kind", ["prompts", "conversations"])
+def test_rows_beyond_the_measured_ones_are_tokenized_as_training_reads_them(local_ray, tiny_causal, tmp_path, monkeypatch, kind):
+    """More training rows than STATS_ROWS: the rest are left to the Train workers' stream, with the same tokens."""
+    monkeypatch.setattr(ray_data, "STATS_ROWS", 50)
+    from jobs.demo_data import demo_conversations
+
+    rows = demo_rows(300, seed=3) if kind == "prompts" else demo_conversations(120, seed=3)
+    path = _write_jsonl(tmp_path / "rows.jsonl", rows)
+    run = _run(tiny_causal, path, "data.validation_fraction=0")
+    streamed = ray_data.prepare(run, _prompting(run))
+    driver = prepare(run.data, _prompting(run))
+
+    assert not isinstance(streamed.train, MaterializedDataset), "tokenized as it is read, not before"
+    assert _token_rows(streamed.train) == _token_rows(driver.train)
+    assert streamed.train_rows == driver.train_rows == len(rows)
+    assert streamed.report["train"]["rows"] == len(rows) and streamed.report["train"]["token_figures_from_rows"] == 50
+    same = {k: v for k, v in streamed.report.items() if k not in ("loader", "train")}
+    assert same == {k: v for k, v in driver.report.items() if k != "train"}
+
+
 def test_a_folder_of_parquet_files_names_the_file_of_a_bad_row(local_ray, tiny_causal, tmp_path):
     folder = tmp_path / "parts"
     folder.mkdir()
@@ -114,7 +135,10 @@ def test_an_s3_prefix_of_jsonl_parts_is_read_on_the_cluster(local_ray, s3, tiny_
     assert 5 <= held_out <= 32, "a seeded 20% share of 90 rows (binomial: 18 +- 3.8, so outside this 3.6-sigma band is a broken split)"
 
 
-def test_training_streams_the_shards_and_evaluation_reads_the_same_held_out_rows(local_ray, tiny_causal, tmp_path):
+@pytest.mark.parametrize("measured", [ray_data.STATS_ROWS, 40], ids=["tokenized first", "tokenized as read"])
+def test_training_streams_the_shards_and_evaluation_reads_the_same_held_out_rows(local_ray, tiny_causal, tmp_path, monkeypatch, measured):
+    """Two Train workers hold both CPUs: tokenizer actors that waited for one would stall the run."""
+    monkeypatch.setattr(ray_data, "STATS_ROWS", measured)
     path = _write_jsonl(tmp_path / "rows.jsonl", demo_rows(200, seed=4))
     run = _run(tiny_causal, path, f"training.output_dir={tmp_path / 'out'}", f"ray.storage_path={tmp_path / 'storage'}",
                "ray.num_workers=2", "training.batch_size=4", "training.eval_steps=10", "training.logging_steps=5",
@@ -161,3 +185,15 @@ def test_a_saved_dataset_folder_of_conversations_is_read_as_on_the_driver(local_
     driver = prepare(run.data, _prompting(run))
     assert streamed.report["layout"] == "messages" and streamed.train_rows == 40
     assert _token_rows(streamed.train) == _token_rows(driver.train)
+
+
+def test_max_samples_keeps_the_first_usable_rows_as_on_the_driver(local_ray, tiny_causal, tmp_path):
+    rows = demo_rows(150, seed=7)
+    rows[3]["output"] = ""  # a bad row before the cut: the cut counts usable rows
+    path = _write_jsonl(tmp_path / "rows.jsonl", rows)
+    run = _run(tiny_causal, path, "data.bad_rows=skip", "data.validation_fraction=0", "data.max_samples=100")
+    streamed = ray_data.prepare(run, _prompting(run))
+    driver = prepare(run.data, _prompting(run))
+    assert _token_rows(streamed.train) == _token_rows(driver.train)
+    assert streamed.train_rows == driver.train_rows == 100
+    assert streamed.report["rows_left_out_by_max_samples"] == driver.report["rows_left_out_by_max_samples"] == 49
