@@ -259,6 +259,11 @@ def _check_batch(batch: dict[str, np.ndarray], cfg: DataConfig, fmt: str, layout
     return out
 
 
+def trains(encoded: dict[str, Any]) -> bool:
+    """A tokenized row that trains: a conversation may be left unusable by its tokens (too long, a template problem)."""
+    return not encoded.get("problem") and not encoded.get("too_long")
+
+
 class Encoder:
     """map_batches actor: one tokenizer, loaded once, the driver path's `encode` per row. `streamed`: only the token
     columns of the rows that train (a conversation left unusable by its tokens is dropped), for the Train workers."""
@@ -276,7 +281,7 @@ class Encoder:
         for file, row, kind, text in zip(batch["file"], batch["row"], batch["kind"], batch["example"], strict=True):
             encoded = encode(json.loads(text), self.prompting, self.data)
             if self.streamed:
-                if not encoded.get("problem") and not encoded.get("too_long"):
+                if trains(encoded):
                     rows.append({key: encoded[key] for key in TOKEN_COLUMNS})
                 continue
             rows.append(
@@ -419,9 +424,8 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
     streamed = counted > STATS_ROWS
     head, tail = to_train.split_at_indices([STATS_ROWS]) if streamed else (to_train, None)
     held_out_rows = usable.filter(lambda row: row["kind"] == "validation").materialize()
-    measured = _encoded(held_out_rows.union(head), encode_args)
+    measured = _tokenized(held_out_rows.union(head), encode_args).materialize()
     stats = _token_stats(measured, cfg, conversation, single_file)
-    held_out = measured.filter(lambda row: row["kind"] == "validation")
     if cfg.validation_fraction and not stats.get("validation", {}).get("rows"):
         raise DataError(
             f"{cfg.path}: none of the {used} usable row(s) fell in the held-out share data.validation_fraction = "
@@ -430,15 +434,17 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
     if not stats.get("train", {}).get("rows"):
         raise DataError(f"{cfg.path}: no usable row is left for training; add rows or lower data.validation_fraction")
     if conversation:
-        held_out = held_out.filter(lambda row: not row["problem"] and not row["too_long"])
+        measured = measured.filter(trains)
+    held_out = measured.filter(lambda row: row["kind"] == "validation")
+    # Materialized: the Train workers may hold every CPU, and a lazy filter would then wait for one forever.
+    train = measured.filter(lambda row: row["kind"] == "train").select_columns(TOKEN_COLUMNS).materialize()
     train_rows = stats["train"]["rows"]
-    train = _train_tokens(measured, conversation)
     if streamed:
         # Conversations the tokenizer leaves unusable are dropped as they stream: their share is the measured one.
         train_rows = round(counted * stats["train"]["rows"] / STATS_ROWS)
         stats["train"] |= {"rows": train_rows, "token_figures_from_rows": STATS_ROWS}
         # The measured rows train first, while the actors of the rest start.
-        train = train.union(_streamed_tokens(tail, encode_args))
+        train = train.union(_tokenized(tail, encode_args, streamed=True))
     has_eval = bool(cfg.validation_fraction)
     report = {
         "source": cfg.path,
@@ -466,36 +472,18 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
     )
 
 
-def _encoded(rows: ray.data.Dataset, encode_args: dict[str, Any]) -> ray.data.Dataset:
-    """Rows tokenized now, with the figures the report needs: one actor per CPU, all started at once (the reads are
-    done: `rows` comes from a materialized set), going on with fewer while CPUs are held elsewhere."""
+def _tokenized(rows: ray.data.Dataset, encode_args: dict[str, Any], streamed: bool = False) -> ray.data.Dataset:
+    """`rows` (from a materialized set) through the tokenizer actors, up to one per CPU. Now (the caller materializes):
+    with the figures the report needs, all actors started at once, going on with fewer while CPUs are held elsewhere.
+    `streamed`: only the rows' tokens, as the Train workers read them, by actors that ask for no CPU: the Train workers
+    may hold every CPU, and an actor waiting for one would stall training forever; they share the cores instead."""
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     return rows.map_batches(
         Encoder,
-        fn_constructor_kwargs=encode_args,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus, initial_size=cpus),
+        fn_constructor_kwargs={**encode_args, "streamed": streamed},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus, initial_size=1 if streamed else cpus),
         batch_size=256,
-    ).materialize()
-
-
-def _train_tokens(encoded: ray.data.Dataset, conversation: bool) -> ray.data.Dataset:
-    if conversation:
-        encoded = encoded.filter(lambda row: not row["problem"] and not row["too_long"])
-    # Materialized: the Train workers may hold every CPU, and a lazy filter would then wait for one forever.
-    return encoded.filter(lambda row: row["kind"] == "train").select_columns(TOKEN_COLUMNS).materialize()
-
-
-def _streamed_tokens(to_train: ray.data.Dataset, encode_args: dict[str, Any]) -> ray.data.Dataset:
-    """The training rows tokenized as the Train workers read them (lazy), so that training starts after the checks,
-    not after the tokenization of the whole set. The actors ask for no CPU: the Train workers may hold every CPU,
-    and an actor waiting for one would stall training forever; they share the cores with training instead."""
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    return to_train.map_batches(
-        Encoder,
-        fn_constructor_kwargs={**encode_args, "streamed": True},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
-        num_cpus=0,
-        batch_size=256,
+        **({"num_cpus": 0} if streamed else {}),
     )
 
 
