@@ -3,11 +3,11 @@
 Files (local or `s3://`, one file or a folder of them) are read in Ray tasks, one per file or per
 2 MiB part of a JSONL file; rows are checked and split in `map_batches` tasks, all of them before training (a bad
 row is an error before any Train worker starts; the steps come from the counted rows). The held-out rows and the
-first STATS_ROWS training rows are then tokenized in `map_batches` actors (one tokenizer each, as many as the cluster
-has CPUs) for the report's token figures; beyond those, the training rows are tokenized as the Train workers read
-them, so that the first step does not wait for the whole set. The driver keeps only what the report needs: counts,
-the first bad rows, and token-length histograms. Each Ray Train worker streams its shard of the training rows
-(`ray.train.get_dataset_shard`).
+training rows among the first STATS_ROWS rows are then tokenized in `map_batches` actors (one tokenizer each, as many
+as the cluster has CPUs) for the report's token figures; beyond those, the training rows are tokenized as the Train
+workers read them, so that the first step does not wait for the whole set. The driver keeps only what the report
+needs: counts, the first bad rows, and token-length histograms. Each Ray Train worker streams its shard of the
+training rows (`ray.train.get_dataset_shard`).
 
 The same row functions as the driver path (`jobs.data`) read, check and tokenize, so a row gets the
 same tokens either way. The split differs: a row is held out when a seeded hash of its file and row
@@ -69,8 +69,8 @@ SAMPLE_ROWS = 1000
 # big file would be one task and one block, and every stage after it would run on one CPU.
 PART_BYTES = 2 * 2**20
 TOKEN_COLUMNS = ["input_ids", "attention_mask", "labels"]
-# Training rows tokenized before training, for the report's token figures: with more, the others are tokenized as
-# the Train workers read them (the report then says its token figures come from the first STATS_ROWS).
+# Rows whose training rows are tokenized before training, for the report's token figures: with more, the others are
+# tokenized as the Train workers read them (the report then says how many training rows its token figures come from).
 STATS_ROWS = 5000
 # What the driver reads back of the tokenized rows: lengths and flags, never the tokens.
 SUMMARY_COLUMNS = "kind file row prompt_tokens target_tokens truncated dropped_turns too_long problem".split()
@@ -266,7 +266,8 @@ def trains(encoded: dict[str, Any]) -> bool:
 
 class Encoder:
     """map_batches actor: one tokenizer, loaded once, the driver path's `encode` per row. `streamed`: only the token
-    columns of the rows that train (a conversation left unusable by its tokens is dropped), for the Train workers."""
+    columns of the training rows that train (held-out and bad rows are skipped, and so is a conversation left unusable
+    by its tokens), for the Train workers."""
 
     def __init__(self, model: ModelConfig, data: DataConfig, kind: str, use_chat: bool, streamed: bool = False):
         from jobs.model import load_tokenizer
@@ -279,6 +280,8 @@ class Encoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows = []
         for file, row, kind, text in zip(batch["file"], batch["row"], batch["kind"], batch["example"], strict=True):
+            if self.streamed and kind != "train":
+                continue
             encoded = encode(json.loads(text), self.prompting, self.data)
             if self.streamed:
                 if trains(encoded):
@@ -402,9 +405,12 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # seeded runs read rows alike
     checked, fmt, layout, single_file = _checked(cfg)
     check_chat(layout, prompting)
-    kinds = _count_kinds(checked)
-    bad, problem_count, bad_row_count = _bad_rows(checked, single_file)
-    valid = kinds.get("train", 0) + kinds.get("validation", 0)
+    # One pass sets apart the few rows that do not train (bad, held out): counts, bad rows and the held-out side
+    # come from them, and the training rows are never copied; the tokenizer actors skip the others as they read.
+    not_train = _not_train(checked)
+    kinds = _count_kinds(not_train) | {"train": checked.count() - not_train.count()}
+    bad, problem_count, bad_row_count = _bad_rows(not_train, single_file)
+    valid = kinds["train"] + kinds.get("validation", 0)
     total = valid + bad_row_count
     if total == 0:
         raise DataError(f"data.path = {cfg.path!r}: no rows found")
@@ -412,19 +418,21 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
     if not valid:
         raise DataError(f"{cfg.path}: none of the {total} row(s) is usable:\n" + "\n".join(f"  - {b}" for b in bad))
     used = min(valid, cfg.max_samples or valid)
-    # Without data.max_samples each side is filtered from the checked rows: one pass over them less.
-    usable = checked
+    usable, usable_not_train = checked, not_train
     if cfg.max_samples:
         usable = checked.filter(lambda row: row["kind"] != "bad").limit(cfg.max_samples).materialize()
+        usable_not_train = _not_train(usable)
+    counted = usable.count() - usable_not_train.count()
     conversation = layout in ("messages", "sharegpt")
     encode_args = {"model": run.model, "data": cfg, "kind": prompting.kind, "use_chat": prompting.use_chat}
-    # Both sides materialized before the tokenizer actors: a filter task holding the last CPU would leave none for them.
-    to_train = usable.filter(lambda row: row["kind"] == "train").materialize()
-    counted = to_train.count()
-    streamed = counted > STATS_ROWS
-    head, tail = to_train.split_at_indices([STATS_ROWS]) if streamed else (to_train, None)
-    held_out_rows = usable.filter(lambda row: row["kind"] == "validation").materialize()
-    measured = _tokenized(held_out_rows.union(head), encode_args).materialize()
+    streamed = usable.count() > STATS_ROWS
+    head, tail = usable.split_at_indices([STATS_ROWS]) if streamed else (usable, None)
+    # Materialized before the tokenizer actors: a filter task holding the last CPU would leave none for them.
+    held_out_rows = usable_not_train.filter(lambda row: row["kind"] == "validation").materialize()
+    head_train = head.filter(lambda row: row["kind"] == "train").materialize()
+    if streamed and not head_train.count():  # the first rows hold no training row: the figures come from them all
+        streamed, head_train = False, usable.filter(lambda row: row["kind"] == "train").materialize()
+    measured = _tokenized(held_out_rows.union(head_train), encode_args).materialize()
     stats = _token_stats(measured, cfg, conversation, single_file)
     if cfg.validation_fraction and not stats.get("validation", {}).get("rows"):
         raise DataError(
@@ -441,9 +449,9 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
     train_rows = stats["train"]["rows"]
     if streamed:
         # Conversations the tokenizer leaves unusable are dropped as they stream: their share is the measured one.
-        train_rows = round(counted * stats["train"]["rows"] / STATS_ROWS)
-        stats["train"] |= {"rows": train_rows, "token_figures_from_rows": STATS_ROWS}
-        # The measured rows train first, while the actors of the rest start.
+        measured_rows = head_train.count()
+        train_rows = round(counted * stats["train"]["rows"] / measured_rows)
+        stats["train"] |= {"rows": train_rows, "token_figures_from_rows": measured_rows}
         train = train.union(_tokenized(tail, encode_args, streamed=True))
     has_eval = bool(cfg.validation_fraction)
     report = {
@@ -485,6 +493,10 @@ def _tokenized(rows: ray.data.Dataset, encode_args: dict[str, Any], streamed: bo
         batch_size=256,
         **({"num_cpus": 0} if streamed else {}),
     )
+
+
+def _not_train(checked: ray.data.Dataset) -> ray.data.Dataset:
+    return checked.filter(lambda row: row["kind"] != "train").materialize()
 
 
 def _count_kinds(checked: ray.data.Dataset) -> dict[str, int]:

@@ -106,6 +106,25 @@ def test_rows_beyond_the_measured_ones_are_tokenized_as_training_reads_them(loca
     assert same == {k: v for k, v in driver.report.items() if k != "train"}
 
 
+def test_the_stream_skips_held_out_and_bad_rows_and_trains_what_measuring_every_row_would(local_ray, tiny_causal, tmp_path, monkeypatch):
+    """The stream reads every checked row after the first STATS_ROWS: held-out and bad rows there must not train."""
+    monkeypatch.setattr(ray_data, "PART_BYTES", 3000)  # parts of some 12 rows: row 201 is not in the first part
+    rows = demo_rows(300, seed=8)
+    rows[10]["output"], rows[200]["output"] = "", ""  # a bad row among the measured rows and one in the stream
+    path = _write_jsonl(tmp_path / "rows.jsonl", rows)
+    run = _run(tiny_causal, path, "data.bad_rows=skip", "data.validation_fraction=0.2")
+    whole = ray_data.prepare(run, _prompting(run))
+    monkeypatch.setattr(ray_data, "STATS_ROWS", 50)
+    streamed = ray_data.prepare(run, _prompting(run))
+
+    assert not isinstance(streamed.train, MaterializedDataset), "tokenized as it is read, not before"
+    assert _token_rows(streamed.train) == _token_rows(whole.train)
+    assert _token_rows(streamed.eval) == _token_rows(whole.eval)
+    assert streamed.train_rows == whole.train_rows == 298 - whole.report["validation"]["rows"]
+    measured = [n for n in range(1, 51) if n != 11 and not ray_data.in_validation("rows.jsonl", n, run.data)]
+    assert streamed.report["train"]["token_figures_from_rows"] == len(measured)
+
+
 def test_a_folder_of_parquet_files_names_the_file_of_a_bad_row(local_ray, tiny_causal, tmp_path):
     folder = tmp_path / "parts"
     folder.mkdir()
