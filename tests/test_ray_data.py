@@ -125,6 +125,23 @@ def test_the_stream_skips_held_out_and_bad_rows_and_trains_what_measuring_every_
     assert streamed.report["train"]["token_figures_from_rows"] == len(measured)
 
 
+def test_first_rows_without_a_training_row_are_measured_with_all_the_others(local_ray, tiny_causal, tmp_path, monkeypatch):
+    """A checked part lists its bad rows first: the first STATS_ROWS rows may hold no training row at all."""
+    monkeypatch.setattr(ray_data, "STATS_ROWS", 10)
+    rows = demo_rows(100, seed=9)
+    for row in rows[50:60]:
+        row["output"] = ""
+    path = _write_jsonl(tmp_path / "rows.jsonl", rows)
+    run = _run(tiny_causal, path, "data.bad_rows=skip", "data.validation_fraction=0")
+    streamed = ray_data.prepare(run, _prompting(run))
+    driver = prepare(run.data, _prompting(run))
+
+    assert isinstance(streamed.train, MaterializedDataset), "every training row measured, none left to stream"
+    assert _token_rows(streamed.train) == _token_rows(driver.train)
+    assert streamed.train_rows == driver.train_rows == 90
+    assert "token_figures_from_rows" not in streamed.report["train"]
+
+
 def test_a_folder_of_parquet_files_names_the_file_of_a_bad_row(local_ray, tiny_causal, tmp_path):
     folder = tmp_path / "parts"
     folder.mkdir()
