@@ -232,14 +232,10 @@ def in_validation(file: str, row: int, cfg: DataConfig) -> bool:
 
 
 def _check_batch(batch: dict[str, np.ndarray], cfg: DataConfig, fmt: str, layout: str, columns: set[str]):
-    """map_batches: rows to examples (as JSON text) or their problems, and each example's side of the split.
-    `to_examples` runs once per file's rows in the batch: row numbers are unique only within a file."""
+    """map_batches: rows to examples (as JSON text) or their problems, and each example's side of the split, in row
+    order within each file (the first STATS_ROWS checked rows are then the first rows of the data). `to_examples`
+    runs once per file's rows in the batch: row numbers are unique only within a file."""
     out: dict[str, list] = {"file": [], "row": [], "kind": [], "first": [], "example": []}
-
-    def add(file: str, row: int, kind: str, first: bool, example: str) -> None:
-        for key, value in zip(out, (file, row, kind, first, example), strict=True):
-            out[key].append(value)
-
     for file in dict.fromkeys(batch["file"]):
         mine = batch["file"] == file
         raw = RawData(rows=[])
@@ -250,12 +246,16 @@ def _check_batch(batch: dict[str, np.ndarray], cfg: DataConfig, fmt: str, layout
                 raw.rows.append((int(row), json.loads(record)))
         examples, problems, _ = to_examples(raw, cfg, fmt, layout, columns)
         seen: set[int] = set()
+        checked = []
         for problem in problems:
-            add(file, problem.row, "bad", problem.row not in seen, json.dumps([problem.field, problem.reason]))
+            checked.append((problem.row, "bad", problem.row not in seen, json.dumps([problem.field, problem.reason])))
             seen.add(problem.row)
         for example in examples:
             kind = "validation" if in_validation(file, example["row"], cfg) else "train"
-            add(file, example["row"], kind, True, json.dumps(example, ensure_ascii=False))
+            checked.append((example["row"], kind, True, json.dumps(example, ensure_ascii=False)))
+        for entry in sorted(checked, key=lambda entry: entry[0]):  # stable: a row's problems keep their order
+            for key, value in zip(out, (file, *entry), strict=True):
+                out[key].append(value)
     return out
 
 
@@ -430,7 +430,7 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
     # Materialized before the tokenizer actors: a filter task holding the last CPU would leave none for them.
     held_out_rows = usable_not_train.filter(lambda row: row["kind"] == "validation").materialize()
     head_train = head.filter(lambda row: row["kind"] == "train").materialize()
-    if streamed and not head_train.count():  # the first rows hold no training row: the figures come from them all
+    if streamed and not head_train.count():  # the first rows are all bad or held out: every training row is measured
         streamed, head_train = False, usable.filter(lambda row: row["kind"] == "train").materialize()
     measured = _tokenized(held_out_rows.union(head_train), encode_args).materialize()
     stats = _token_stats(measured, cfg, conversation, single_file)

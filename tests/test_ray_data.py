@@ -126,10 +126,10 @@ def test_the_stream_skips_held_out_and_bad_rows_and_trains_what_measuring_every_
 
 
 def test_first_rows_without_a_training_row_are_measured_with_all_the_others(local_ray, tiny_causal, tmp_path, monkeypatch):
-    """A checked part lists its bad rows first: the first STATS_ROWS rows may hold no training row at all."""
+    """The first STATS_ROWS rows may all be bad: then no training row is among them."""
     monkeypatch.setattr(ray_data, "STATS_ROWS", 10)
     rows = demo_rows(100, seed=9)
-    for row in rows[50:60]:
+    for row in rows[:10]:
         row["output"] = ""
     path = _write_jsonl(tmp_path / "rows.jsonl", rows)
     run = _run(tiny_causal, path, "data.bad_rows=skip", "data.validation_fraction=0")
@@ -140,6 +140,22 @@ def test_first_rows_without_a_training_row_are_measured_with_all_the_others(loca
     assert _token_rows(streamed.train) == _token_rows(driver.train)
     assert streamed.train_rows == driver.train_rows == 90
     assert "token_figures_from_rows" not in streamed.report["train"]
+
+
+def test_the_measured_rows_are_the_first_rows_whatever_bad_rows_follow(local_ray, tiny_causal, tmp_path, monkeypatch):
+    """Checked rows keep their row order: bad rows further on in the same part do not take the first rows' places."""
+    monkeypatch.setattr(ray_data, "STATS_ROWS", 50)
+    rows = demo_rows(100, seed=9)
+    for row in rows[80:90]:
+        row["output"] = ""
+    path = _write_jsonl(tmp_path / "rows.jsonl", rows)
+    run = _run(tiny_causal, path, "data.bad_rows=skip", "data.validation_fraction=0")
+    streamed = ray_data.prepare(run, _prompting(run))
+    driver = prepare(run.data, _prompting(run))
+
+    assert streamed.report["train"]["token_figures_from_rows"] == 50
+    assert _token_rows(streamed.train) == _token_rows(driver.train)
+    assert streamed.train_rows == driver.train_rows == 90
 
 
 def test_a_folder_of_parquet_files_names_the_file_of_a_bad_row(local_ray, tiny_causal, tmp_path):
