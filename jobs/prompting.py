@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from jobs.config import ModelConfig
-from jobs.model import load_tokenizer, model_kind, uses_chat_template
 
 
 @dataclass(frozen=True)
@@ -19,6 +18,10 @@ class Prompting:
 
     @classmethod
     def load(cls, cfg: ModelConfig) -> Prompting:
+        # Imported here: a Prompting unpickled in a Ray Data tokenizer actor then needs only the tokenizer's own
+        # module, not torch and the model code (some 13 s of imports per actor on one core here).
+        from jobs.model import load_tokenizer, model_kind, uses_chat_template
+
         tokenizer = load_tokenizer(cfg)
         return cls(tokenizer, model_kind(cfg), uses_chat_template(cfg, tokenizer))
 

@@ -31,7 +31,7 @@ import ray
 import ray.data
 
 from jobs import cluster
-from jobs.config import DataConfig, ModelConfig, RunConfig
+from jobs.config import DataConfig, RunConfig
 from jobs.data import (
     DEMOS,
     MAX_LISTED_BAD_ROWS,
@@ -265,16 +265,14 @@ def trains(encoded: dict[str, Any]) -> bool:
 
 
 class Encoder:
-    """map_batches actor: one tokenizer, loaded once, the driver path's `encode` per row. `streamed`: only the token
+    """map_batches actor: the driver's tokenizer (pickled: an actor imports neither torch nor the model code, and
+    a node needs no copy of the model's files), the driver path's `encode` per row. `streamed`: only the token
     columns of the training rows that train (held-out and bad rows are skipped, and so is a conversation left unusable
     by its tokens), for the Train workers."""
 
-    def __init__(self, model: ModelConfig, data: DataConfig, kind: str, use_chat: bool, streamed: bool = False):
-        from jobs.model import load_tokenizer
-        from jobs.prompting import Prompting
-
+    def __init__(self, prompting: Prompting, data: DataConfig, streamed: bool = False):
+        self.prompting = prompting
         self.data = data
-        self.prompting = Prompting(load_tokenizer(model), kind, use_chat)
         self.streamed = streamed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -424,7 +422,7 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
         usable_not_train = _not_train(usable)
     counted = usable.count() - usable_not_train.count()
     conversation = layout in ("messages", "sharegpt")
-    encode_args = {"model": run.model, "data": cfg, "kind": prompting.kind, "use_chat": prompting.use_chat}
+    encode_args = {"prompting": prompting, "data": cfg}
     streamed = usable.count() > STATS_ROWS
     head, tail = usable.split_at_indices([STATS_ROWS]) if streamed else (usable, None)
     # Materialized before the tokenizer actors: a filter task holding the last CPU would leave none for them.

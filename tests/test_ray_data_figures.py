@@ -1,17 +1,27 @@
 """The figures data.loader: ray_data computes without the rows in one place (no Ray needed): length
 statistics from histograms equal the driver path's from the lists, the seeded hash split, a JSONL file
-read in byte-range parts numbers its rows as the whole file does, and the config rule for what
-streaming cannot do."""
+read in byte-range parts numbers its rows as the whole file does, the config rule for what
+streaming cannot do, and the tokenizer actor's start."""
 
 import json
+import pickle
+import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from jobs import ray_data
 from jobs.config import ConfigError, DataConfig, load_config
-from jobs.data import _length_stats, parse_jsonl
+from jobs.data import RawData, _length_stats, columns_of, parse_jsonl, resolve_layout
+from jobs.demo_data import demo_rows
+from jobs.model import load_tokenizer
+from jobs.prompting import Prompting
 from jobs.ray_data import _add_hist, histogram_stats, in_validation
+from tests.subprocesses import run_ok
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -75,3 +85,39 @@ def test_a_jsonl_file_read_in_byte_range_parts_gives_the_whole_files_rows(tmp_pa
         (b.row, b.field, b.reason) for b in whole.bad
     ]
     assert len(parts) == -(-path.stat().st_size // part_bytes)
+
+
+ENCODE_ELSEWHERE = """
+import json, pickle, sys
+encoder, batch = pickle.load(open(sys.argv[1], "rb"))
+out = encoder(batch)
+print(json.dumps({"input_ids": [[int(t) for t in ids] for ids in out["input_ids"]],
+                  "imported": sorted(m for m in ("torch", "jobs.model", "peft", "bitsandbytes") if m in sys.modules)}))
+"""
+
+
+def test_a_tokenizer_actor_gets_the_drivers_tokenizer_and_imports_no_model_code(tiny_causal, tmp_path):
+    """The Encoder carries the driver's tokenizer, pickled: a process without the model's folder (another node)
+    tokenizes the same rows, importing neither torch nor the model code (some 13 s a tokenizer actor here)."""
+    model = shutil.copytree(tiny_causal, tmp_path / "model")
+    run = load_config(None, [f"model.name={model}", "data.validation_fraction=0"])
+    prompting = Prompting(load_tokenizer(run.model), "causal", True)
+    rows = demo_rows(12, seed=1)
+    raw = {
+        "file": np.array(["rows.jsonl"] * len(rows)),
+        "row": np.arange(1, len(rows) + 1),
+        "record": np.array([json.dumps(r) for r in rows]),
+        "bad": np.array([""] * len(rows)),
+    }
+    columns = columns_of(RawData(rows=list(enumerate(rows, start=1))), run.data)
+    layout = resolve_layout(run.data, "jsonl", columns)
+    checked = {k: np.array(v) for k, v in ray_data._check_batch(raw, run.data, "jsonl", layout, columns).items()}
+    encoder = ray_data.Encoder(prompting, run.data, streamed=True)
+    expected = [list(ids) for ids in encoder(checked)["input_ids"]]
+    (tmp_path / "encoder.pkl").write_bytes(pickle.dumps((encoder, checked)))
+    shutil.rmtree(model)
+
+    done = run_ok([sys.executable, "-c", ENCODE_ELSEWHERE, tmp_path / "encoder.pkl"], cwd=REPO)
+    elsewhere = json.loads(done.stdout.strip().splitlines()[-1])
+    assert elsewhere["input_ids"] == expected and len(expected) == len(rows)
+    assert elsewhere["imported"] == []
