@@ -3,8 +3,8 @@
 Files (local or `s3://`, one file or a folder of them) are read in Ray tasks, one per file or per
 2 MiB part of a JSONL file; rows are checked and split in `map_batches` tasks, all of them before training (a bad
 row is an error before any Train worker starts; the steps come from the counted rows). The held-out rows and the
-training rows among the first STATS_ROWS rows are then tokenized in `map_batches` actors (one tokenizer each, as many
-as the cluster has CPUs) for the report's token figures; beyond those, the training rows are tokenized as the Train
+training rows among the first STATS_ROWS rows are then tokenized in `map_batches` tasks (up to one per CPU, with
+the driver's tokenizer) for the report's token figures; beyond those, the training rows are tokenized as the Train
 workers read them, so that the first step does not wait for the whole set. The driver keeps only what the report
 needs: counts, the first bad rows, and token-length histograms. Each Ray Train worker streams its shard of the
 training rows (`ray.train.get_dataset_shard`).
@@ -17,10 +17,12 @@ evaluation stage reads the held-out rows the same way (`validation_examples`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -264,45 +266,47 @@ def trains(encoded: dict[str, Any]) -> bool:
     return not encoded.get("problem") and not encoded.get("too_long")
 
 
-class Encoder:
-    """map_batches actor: the driver's tokenizer (pickled: an actor imports neither torch nor the model code, and
-    a node needs no copy of the model's files), the driver path's `encode` per row. `streamed`: only the token
+def tokenize_batch(batch: dict[str, np.ndarray], prompting: bytes, data: DataConfig, streamed: bool) -> dict[str, list]:
+    """map_batches task: the driver path's `encode` per row, with the driver's tokenizer (pickled: a task imports
+    neither torch nor the model code, and a node needs no copy of the model's files). `streamed`: only the token
     columns of the training rows that train (held-out and bad rows are skipped, and so is a conversation left unusable
     by its tokens), for the Train workers."""
+    tokenizing = _unpickled(prompting)
+    rows = []
+    for file, row, kind, text in zip(batch["file"], batch["row"], batch["kind"], batch["example"], strict=True):
+        if streamed and kind != "train":
+            continue
+        encoded = encode(json.loads(text), tokenizing, data)
+        if streamed:
+            if trains(encoded):
+                rows.append({key: encoded[key] for key in TOKEN_COLUMNS})
+            continue
+        rows.append(
+            {
+                "input_ids": encoded["input_ids"],
+                "attention_mask": encoded["attention_mask"],
+                "labels": encoded["labels"],
+                "prompt_tokens": encoded["prompt_tokens"],
+                "target_tokens": encoded["target_tokens"],
+                "truncated": bool(encoded["truncated"]),
+                "dropped_turns": int(encoded.get("dropped_turns", 0)),
+                "too_long": bool(encoded.get("too_long", False)),
+                "problem": encoded.get("problem", ""),
+                "kind": kind,
+                "file": file,
+                "row": int(row),
+                "example": text if kind == "validation" else "",  # evaluation's prompts and references
+            }
+        )
+    return {key: [r[key] for r in rows] for key in rows[0]} if rows else {}
 
-    def __init__(self, prompting: Prompting, data: DataConfig, streamed: bool = False):
-        self.prompting = prompting
-        self.data = data
-        self.streamed = streamed
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        rows = []
-        for file, row, kind, text in zip(batch["file"], batch["row"], batch["kind"], batch["example"], strict=True):
-            if self.streamed and kind != "train":
-                continue
-            encoded = encode(json.loads(text), self.prompting, self.data)
-            if self.streamed:
-                if trains(encoded):
-                    rows.append({key: encoded[key] for key in TOKEN_COLUMNS})
-                continue
-            rows.append(
-                {
-                    "input_ids": encoded["input_ids"],
-                    "attention_mask": encoded["attention_mask"],
-                    "labels": encoded["labels"],
-                    "prompt_tokens": encoded["prompt_tokens"],
-                    "target_tokens": encoded["target_tokens"],
-                    "truncated": bool(encoded["truncated"]),
-                    "dropped_turns": int(encoded.get("dropped_turns", 0)),
-                    "too_long": bool(encoded.get("too_long", False)),
-                    "problem": encoded.get("problem", ""),
-                    "kind": kind,
-                    "file": file,
-                    "row": int(row),
-                    "example": text if kind == "validation" else "",  # evaluation's prompts and references
-                }
-            )
-        return {key: [r[key] for r in rows] for key in rows[0]} if rows else {}
+# Ray Data runs a task per block, and unpickling a tokenizer takes 1.4 s on one core here: each worker process keeps
+# the last ones. Tasks rather than a map_batches actor pool: each pool's actors are fresh processes that import Ray
+# Data's map worker and this module again (some 6 s each here), where the check tasks have left warm ones.
+@functools.lru_cache(maxsize=2)
+def _unpickled(prompting: bytes) -> Prompting:
+    return pickle.loads(prompting)
 
 
 def _read(cfg: DataConfig, fmt: str) -> tuple[ray.data.Dataset, RawData, bool]:
@@ -422,7 +426,7 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
         usable_not_train = _not_train(usable)
     counted = usable.count() - usable_not_train.count()
     conversation = layout in ("messages", "sharegpt")
-    encode_args = {"prompting": prompting, "data": cfg}
+    encode_args = {"prompting": pickle.dumps(prompting), "data": cfg}
     streamed = usable.count() > STATS_ROWS
     head, tail = usable.split_at_indices([STATS_ROWS]) if streamed else (usable, None)
     # Materialized before the tokenizer actors: a filter task holding the last CPU would leave none for them.
@@ -479,16 +483,16 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
 
 
 def _tokenized(rows: ray.data.Dataset, encode_args: dict[str, Any], streamed: bool = False) -> ray.data.Dataset:
-    """`rows` (from a materialized set) through the tokenizer actors, up to one per CPU. Now (the caller materializes):
-    with the figures the report needs, all actors started at once, going on with fewer while CPUs are held elsewhere.
-    `streamed`: only the rows' tokens, as the Train workers read them, by actors that ask for no CPU: the Train workers
-    may hold every CPU, and an actor waiting for one would stall training forever; they share the cores instead."""
+    """`rows` (from a materialized set) through the tokenizer tasks, up to one per CPU. Now (the caller materializes):
+    with the figures the report needs. `streamed`: only the rows' tokens, as the Train workers read them, by tasks that
+    ask for no CPU: the Train workers may hold every CPU, and a task waiting for one would stall training forever; they
+    share the cores instead."""
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     return rows.map_batches(
-        Encoder,
-        fn_constructor_kwargs={**encode_args, "streamed": streamed},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus, initial_size=1 if streamed else cpus),
+        tokenize_batch,
+        fn_kwargs={**encode_args, "streamed": streamed},
         batch_size=256,
+        concurrency=cpus,
         **({"num_cpus": 0} if streamed else {}),
     )
 

@@ -89,16 +89,18 @@ def test_a_jsonl_file_read_in_byte_range_parts_gives_the_whole_files_rows(tmp_pa
 
 ENCODE_ELSEWHERE = """
 import json, pickle, sys
-encoder, batch = pickle.load(open(sys.argv[1], "rb"))
-out = encoder(batch)
+from jobs import ray_data
+prompting, data, batch = pickle.load(open(sys.argv[1], "rb"))
+out = ray_data.tokenize_batch(batch, prompting, data, streamed=True)
 print(json.dumps({"input_ids": [[int(t) for t in ids] for ids in out["input_ids"]],
                   "imported": sorted(m for m in ("torch", "jobs.model", "peft", "bitsandbytes") if m in sys.modules)}))
 """
 
 
-def test_a_tokenizer_actor_gets_the_drivers_tokenizer_and_imports_no_model_code(tiny_causal, tmp_path):
-    """The Encoder carries the driver's tokenizer, pickled: a process without the model's folder (another node)
-    tokenizes the same rows, importing neither torch nor the model code (some 13 s a tokenizer actor here)."""
+def test_a_tokenizer_task_gets_the_drivers_tokenizer_and_imports_no_model_code(tiny_causal, tmp_path):
+    """The tokenizer tasks get the driver's tokenizer, pickled: a process without the model's folder (another node)
+    tokenizes the same rows, importing neither torch nor the model code (`import jobs.model`: 15 s on one core here).
+    Each process unpickles it once: the next task's copy of the same bytes finds it."""
     model = shutil.copytree(tiny_causal, tmp_path / "model")
     run = load_config(None, [f"model.name={model}", "data.validation_fraction=0"])
     prompting = Prompting(load_tokenizer(run.model), "causal", True)
@@ -112,9 +114,10 @@ def test_a_tokenizer_actor_gets_the_drivers_tokenizer_and_imports_no_model_code(
     columns = columns_of(RawData(rows=list(enumerate(rows, start=1))), run.data)
     layout = resolve_layout(run.data, "jsonl", columns)
     checked = {k: np.array(v) for k, v in ray_data._check_batch(raw, run.data, "jsonl", layout, columns).items()}
-    encoder = ray_data.Encoder(prompting, run.data, streamed=True)
-    expected = [list(ids) for ids in encoder(checked)["input_ids"]]
-    (tmp_path / "encoder.pkl").write_bytes(pickle.dumps((encoder, checked)))
+    blob = pickle.dumps(prompting)
+    expected = [list(ids) for ids in ray_data.tokenize_batch(checked, blob, run.data, streamed=True)["input_ids"]]
+    assert ray_data._unpickled(bytes(bytearray(blob))) is ray_data._unpickled(blob), "unpickled once per process"
+    (tmp_path / "encoder.pkl").write_bytes(pickle.dumps((blob, run.data, checked)))
     shutil.rmtree(model)
 
     done = run_ok([sys.executable, "-c", ENCODE_ELSEWHERE, tmp_path / "encoder.pkl"], cwd=REPO)
