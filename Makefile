@@ -33,7 +33,7 @@ demo: model  ## the pipeline: train -> evaluate vs base -> serve -> smoke reques
 	$(BIN)/lorafleet pipeline --config configs/demo.yaml
 
 test: model
-	$(BIN)/python -m pytest -v --durations=15
+	$(BIN)/python -m pytest -v --durations=30
 
 test-fast: setup  ## unit tier only: no Ray, no real model
 	$(BIN)/python -m pytest -q -m "not ray and not e2e"

@@ -7,7 +7,7 @@ fresh process pinned with taskset:
 - driver (`data.loader: driver`): `jobs.data.prepare` (read, check, split, tokenize in the driver) on
   1 CPU and on 2 CPUs, then `ray.put` of the tokenized data for the workers;
 - Ray Data (`data.loader: ray_data`): `jobs.ray_data.prepare` (read in Ray tasks, the JSONL file in
-  2 MiB parts, check in map_batches, tokenize in a map_batches actor pool; the driver keeps only
+  2 MiB parts, check in map_batches, tokenize in map_batches tasks; the driver keeps only
   counts and histograms) on a local Ray of 1 CPU and of 2 CPUs; the worker streams its shard.
 Measured: rows/s of the preparation through the tokenization of every row (Ray Data tokenizes the training rows
 beyond `jobs.ray_data.STATS_ROWS` as they are read: here the driver reads them all), in a run of its own; the

@@ -408,7 +408,7 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
     checked, fmt, layout, single_file = _checked(cfg)
     check_chat(layout, prompting)
     # One pass sets apart the few rows that do not train (bad, held out): counts, bad rows and the held-out side
-    # come from them, and the training rows are never copied; the tokenizer actors skip the others as they read.
+    # come from them, and the training rows are never copied; the tokenizer tasks skip the others as they read.
     not_train = _not_train(checked)
     kinds = _count_kinds(not_train) | {"train": checked.count() - not_train.count()}
     bad, problem_count, bad_row_count = _bad_rows(not_train, single_file)
@@ -429,7 +429,7 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
     encode_args = {"prompting": pickle.dumps(prompting), "data": cfg}
     streamed = usable.count() > STATS_ROWS
     head, tail = usable.split_at_indices([STATS_ROWS]) if streamed else (usable, None)
-    # Materialized before the tokenizer actors: a filter task holding the last CPU would leave none for them.
+    # Materialized: the filters run once, though their rows are counted as well as tokenized.
     held_out_rows = usable_not_train.filter(lambda row: row["kind"] == "validation").materialize()
     head_train = head.filter(lambda row: row["kind"] == "train").materialize()
     if streamed and not head_train.count():  # the first rows are all bad or held out: every training row is measured
