@@ -429,7 +429,7 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
     encode_args = {"prompting": pickle.dumps(prompting), "data": cfg}
     streamed = usable.count() > STATS_ROWS
     head, tail = usable.split_at_indices([STATS_ROWS]) if streamed else (usable, None)
-    # Materialized: the filters run once, though their rows are counted as well as tokenized.
+    # Materialized: head_train is counted as well as tokenized, and its filter then runs once.
     held_out_rows = usable_not_train.filter(lambda row: row["kind"] == "validation").materialize()
     head_train = head.filter(lambda row: row["kind"] == "train").materialize()
     if streamed and not head_train.count():  # the first rows are all bad or held out: every training row is measured
