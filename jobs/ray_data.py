@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import ray
 import ray.data
+from ray.data.expressions import col
 
 from jobs import cluster
 from jobs.config import DataConfig, RunConfig
@@ -266,6 +267,10 @@ def trains(encoded: dict[str, Any]) -> bool:
     return not encoded.get("problem") and not encoded.get("too_long")
 
 
+# `trains` on a tokenized dataset's columns: an expression runs on whole Arrow blocks, a Python filter once per row.
+TRAINS = (col("problem") == "") & ~col("too_long")
+
+
 def tokenize_batch(batch: dict[str, np.ndarray], prompting: bytes, data: DataConfig, streamed: bool) -> dict[str, list]:
     """map_batches task: the driver path's `encode` per row, with the driver's tokenizer (pickled: a task imports
     neither torch nor the model code, and a node needs no copy of the model's files). `streamed`: only the token
@@ -381,7 +386,7 @@ def _bad_rows(checked: ray.data.Dataset, single_file: bool) -> tuple[list[BadRow
     """The first bad rows by (file, row), how many problems, and how many rows have one."""
     first: list[tuple[str, int, str]] = []
     problems = rows = 0
-    bad_only = checked.filter(lambda row: row["kind"] == "bad").select_columns(["file", "row", "first", "example"])
+    bad_only = checked.filter(expr=col("kind") == "bad").select_columns(["file", "row", "first", "example"])
     for batch in bad_only.iter_batches(batch_size=65536):
         problems, rows = problems + len(batch["row"]), rows + int(batch["first"].sum())
         found = [
@@ -396,7 +401,7 @@ def validation_examples(run: RunConfig) -> list[dict[str, Any]]:
     """The held-out rows of a `data.loader: ray_data` run, in file and row order, for the evaluation stage."""
     cluster.connect(run.ray.address)
     checked, *_ = _checked(run.data)
-    held_out = checked.filter(lambda row: row["kind"] == "validation")
+    held_out = checked.filter(expr=col("kind") == "validation")
     return [json.loads(row["example"]) for row in held_out.take_all()]
 
 
@@ -422,7 +427,7 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
     used = min(valid, cfg.max_samples or valid)
     usable, usable_not_train = checked, not_train
     if cfg.max_samples:
-        usable = checked.filter(lambda row: row["kind"] != "bad").limit(cfg.max_samples).materialize()
+        usable = checked.filter(expr=col("kind") != "bad").limit(cfg.max_samples).materialize()
         usable_not_train = _not_train(usable)
     counted = usable.count() - usable_not_train.count()
     conversation = layout in ("messages", "sharegpt")
@@ -430,11 +435,11 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
     streamed = usable.count() > STATS_ROWS
     head, tail = usable.split_at_indices([STATS_ROWS]) if streamed else (usable, None)
     # Materialized: head_train is counted as well as tokenized, and its filter then runs once.
-    held_out_rows = usable_not_train.filter(lambda row: row["kind"] == "validation").materialize()
-    head_train = head.filter(lambda row: row["kind"] == "train").materialize()
+    held_out_rows = usable_not_train.filter(expr=col("kind") == "validation").materialize()
+    head_train = head.filter(expr=col("kind") == "train").materialize()
     if streamed and not head_train.count():  # the first rows are all bad or held out: every training row is measured
-        streamed, head_train = False, usable.filter(lambda row: row["kind"] == "train").materialize()
-    measured = _tokenized(held_out_rows.union(head_train), encode_args).materialize()
+        streamed, head_train = False, usable.filter(expr=col("kind") == "train").materialize()
+    measured = _tokenized([held_out_rows, head_train], encode_args).materialize()
     stats = _token_stats(measured, cfg, conversation, single_file)
     if cfg.validation_fraction and not stats.get("validation", {}).get("rows"):
         raise DataError(
@@ -444,17 +449,17 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
     if not stats.get("train", {}).get("rows"):
         raise DataError(f"{cfg.path}: no usable row is left for training; add rows or lower data.validation_fraction")
     if conversation:
-        measured = measured.filter(trains)
-    held_out = measured.filter(lambda row: row["kind"] == "validation")
+        measured = measured.filter(expr=TRAINS)
+    held_out = measured.filter(expr=col("kind") == "validation")
     # Materialized: the Train workers may hold every CPU, and a lazy filter would then wait for one forever.
-    train = measured.filter(lambda row: row["kind"] == "train").select_columns(TOKEN_COLUMNS).materialize()
+    train = measured.filter(expr=col("kind") == "train").select_columns(TOKEN_COLUMNS).materialize()
     train_rows = stats["train"]["rows"]
     if streamed:
         # Conversations the tokenizer leaves unusable are dropped as they stream: their share is the measured one.
         measured_rows = head_train.count()
         train_rows = round(counted * stats["train"]["rows"] / measured_rows)
         stats["train"] |= {"rows": train_rows, "token_figures_from_rows": measured_rows}
-        train = train.union(_tokenized(tail, encode_args, streamed=True))
+        train = train.union(_tokenized([tail], encode_args, streamed=True))
     has_eval = bool(cfg.validation_fraction)
     report = {
         "source": cfg.path,
@@ -482,23 +487,27 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
     )
 
 
-def _tokenized(rows: ray.data.Dataset, encode_args: dict[str, Any], streamed: bool = False) -> ray.data.Dataset:
-    """`rows` (from a materialized set) through the tokenizer tasks, up to one per CPU. Now (the caller materializes):
-    with the figures the report needs. `streamed`: only the rows' tokens, as the Train workers read them, by tasks that
-    ask for no CPU: the Train workers may hold every CPU, and a task waiting for one would stall training forever; they
-    share the cores instead."""
+def _tokenized(
+    sets: list[ray.data.MaterializedDataset], encode_args: dict[str, Any], streamed: bool = False
+) -> ray.data.Dataset:
+    """The rows of `sets` through the tokenizer tasks, up to one per CPU and one per block (a task reads whole blocks:
+    Ray Data warns of a limit above the blocks). Now (the caller materializes): with the figures the report needs.
+    `streamed`: only the rows' tokens, as the Train workers read them, by tasks that ask for no CPU: the Train workers
+    may hold every CPU, and a task waiting for one would stall training forever; they share the cores instead."""
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    tasks = max(1, min(cpus, sum(rows.num_blocks() for rows in sets)))
+    rows = sets[0] if len(sets) == 1 else sets[0].union(*sets[1:])
     return rows.map_batches(
         tokenize_batch,
         fn_kwargs={**encode_args, "streamed": streamed},
         batch_size=256,
-        concurrency=cpus,
+        compute=ray.data.TaskPoolStrategy(size=tasks),
         **({"num_cpus": 0} if streamed else {}),
     )
 
 
 def _not_train(checked: ray.data.Dataset) -> ray.data.Dataset:
-    return checked.filter(lambda row: row["kind"] != "train").materialize()
+    return checked.filter(expr=col("kind") != "train").materialize()
 
 
 def _count_kinds(checked: ray.data.Dataset) -> dict[str, int]:
