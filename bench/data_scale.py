@@ -1,8 +1,8 @@
 """The training data path at scale, driver against Ray Data, in one run.
 
-    python bench/data_scale.py [--rows 10000 100000 1000000]
+    python bench/data_scale.py [--rows 10000 100000 1000000] [--format jsonl|parquet]
 
-For each size, generated demo rows (JSONL) with SmolLM2's tokenizer and chat template, each in a
+For each size, generated demo rows (JSONL, or Parquet in row groups of --row-group-rows) with SmolLM2's tokenizer and chat template, each in a
 fresh process pinned with taskset:
 - driver (`data.loader: driver`): `jobs.data.prepare` (read, check, split, tokenize in the driver) on
   1 CPU and on 2 CPUs, then `ray.put` of the tokenized data for the workers;
@@ -24,6 +24,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -125,6 +128,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--one-cpu-up-to", type=int, default=10**9, help="skip the 1-CPU runs above this many rows")
     parser.add_argument("--loaders", nargs="+", choices=["driver", "ray_data"], default=["driver", "ray_data"])
+    parser.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl", help="the generated file's format")
+    parser.add_argument("--row-group-rows", type=int, default=10_000, help="Parquet: rows per row group")
     args = parser.parse_args()
     paths = {name: script for key, name, script in (("driver", "driver", DRIVER), ("ray_data", "Ray Data", RAY_DATA))
              if key in args.loaders}
@@ -132,10 +137,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "ray").mkdir()
         for n in args.rows:
-            path = Path(tmp) / f"rows-{n}.jsonl"
-            with path.open("w") as handle:
-                for row in demo_rows(n, seed=0):
-                    handle.write(json.dumps(row) + "\n")
+            path = Path(tmp) / f"rows-{n}.{args.format}"
+            if args.format == "parquet":
+                pq.write_table(pa.Table.from_pylist(demo_rows(n, seed=0)), path, row_group_size=args.row_group_rows)
+            else:
+                with path.open("w") as handle:
+                    for row in demo_rows(n, seed=0):
+                        handle.write(json.dumps(row) + "\n")
             for name, script in paths.items():
                 one = measure(script, path, "0", "prepare-only", Path(tmp) / "ray") if n <= args.one_cpu_up_to else None
                 two = measure(script, path, "0,1", "prepare-only", Path(tmp) / "ray")

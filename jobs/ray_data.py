@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 import ray.data
 from ray.data.expressions import col
@@ -137,7 +139,7 @@ def folder_format(cfg: DataConfig) -> str:
 
 def read_file(uri: str, fmt: str) -> RawData:
     """A whole file's rows, numbered from 1 as in the driver path (CSV/Parquet: data rows, header not counted).
-    JSONL files are read in parts instead (`read_part`)."""
+    JSONL and Parquet files are read in parts instead (`read_part`, `read_row_groups`)."""
     fs, path = pafs.FileSystem.from_uri(uri)
     with fs.open_input_file(path) as handle:
         content = handle.read()
@@ -148,21 +150,25 @@ def read_file(uri: str, fmt: str) -> RawData:
     if fmt == "json":
         return RawData(rows=list(enumerate(json.loads(content), start=1)))
     if fmt == "csv":
-        import pandas  # what `datasets` reads CSV with; empty cells become None, as there
+        return RawData(rows=list(enumerate(_csv_records(io.BytesIO(content)), start=1)))
+    return RawData(rows=list(enumerate(pq.read_table(io.BytesIO(content)).to_pylist(), start=1)))
 
-        frame = pandas.read_csv(io.BytesIO(content)).astype(object)
-        records = frame.where(frame.notna(), None).to_dict("records")
-    else:
-        import pyarrow.parquet
 
-        records = pyarrow.parquet.read_table(io.BytesIO(content)).to_pylist()
-    return RawData(rows=list(enumerate(records, start=1)))
+def _csv_records(source: Any, rows: int | None = None) -> list[dict[str, Any]]:
+    import pandas  # what `datasets` reads CSV with; empty cells become None, as there
+
+    frame = pandas.read_csv(source, nrows=rows).astype(object)
+    return frame.where(frame.notna(), None).to_dict("records")
 
 
 def _file_parts(files: list[str], fmt: str) -> list[dict[str, Any]]:
-    """Ray tasks' shares of the files: a whole file, or for JSONL a byte range of PART_BYTES with the row
-    number of its first line (from a newline count of the parts before it, itself done in Ray tasks)."""
-    if fmt != "jsonl":
+    """Ray tasks' shares of the files: a whole file; for JSONL a byte range of PART_BYTES with the row number of its
+    first line (from a newline count of the parts before it, itself done in Ray tasks); for Parquet consecutive row
+    groups of some PART_BYTES (uncompressed) with the number of their first row (from the files' footers, read in
+    Ray tasks)."""
+    if fmt == "parquet":
+        return row_group_parts(files, ray.get([_row_groups.remote(f) for f in files]))
+    if fmt != "jsonl":  # CSV: a quoted cell may hold a newline, so a byte range cannot tell where a row starts
         return [{"file": f} for f in files]
     parts = [part for uri in files for part in byte_ranges(uri)]
     # A second read of the bytes, but a cheap one: counting newlines is far faster than parsing JSON.
@@ -183,6 +189,40 @@ def count_newlines(uri: str, start: int, end: int) -> int:
 
 
 _newlines = ray.remote(count_newlines)
+
+
+def row_groups(uri: str) -> list[tuple[int, int]]:
+    """A Parquet file's row groups from its footer: (rows, uncompressed bytes) each."""
+    fs, path = pafs.FileSystem.from_uri(uri)
+    with fs.open_input_file(path) as handle:
+        meta = pq.ParquetFile(handle).metadata
+    return [(meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups)]
+
+
+_row_groups = ray.remote(row_groups)
+
+
+def row_group_parts(files: list[str], groups: list[list[tuple[int, int]]]) -> list[dict[str, Any]]:
+    """Each file's row groups gathered into parts of at least PART_BYTES (the last one of a file may be smaller), each
+    with the number of its first row."""
+    parts = []
+    for uri, sizes in zip(files, groups, strict=True):
+        before, part = 0, None
+        for index, (rows, size) in enumerate(sizes):
+            if part is None or part["bytes"] >= PART_BYTES:
+                part = {"file": uri, "row_groups": [], "first_row": before + 1, "bytes": 0}
+                parts.append(part)
+            part["row_groups"].append(index)
+            part["bytes"] += size
+            before += rows
+    return parts
+
+
+def read_row_groups(part: dict[str, Any]) -> RawData:
+    fs, path = pafs.FileSystem.from_uri(part["file"])
+    with fs.open_input_file(path) as handle:
+        records = pq.ParquetFile(handle).read_row_groups(part["row_groups"]).to_pylist()
+    return RawData(rows=list(enumerate(records, start=part["first_row"])))
 
 
 def numbered(parts: list[dict[str, Any]], newlines: list[int]) -> list[dict[str, Any]]:
@@ -220,6 +260,8 @@ def _file_rows(part: dict[str, Any], fmt: str, name_of: dict[str, str]) -> list[
     if fmt == "jsonl":
         content, first = read_part(part)
         raw = parse_jsonl(io.BytesIO(content), first_row=first)
+    elif fmt == "parquet":
+        raw = read_row_groups(part)
     else:
         raw = read_file(part["file"], fmt)
     name = name_of[part["file"]]
@@ -332,12 +374,24 @@ def _read(cfg: DataConfig, fmt: str) -> tuple[ray.data.Dataset, RawData, bool]:
 
 
 def _sample(uri: str, fmt: str) -> RawData:
-    """The first SAMPLE_ROWS rows of a file; of JSONL only those lines are read: the driver never holds a big file."""
-    if fmt != "jsonl":
+    """The first SAMPLE_ROWS rows of a file. Of JSONL, CSV and Parquet only those rows are read (of Parquet, the row
+    groups that hold them): the driver never holds a big file. A SQuAD or JSON file is one document, read whole."""
+    if fmt in ("squad", "json"):
         raw = read_file(uri, fmt)
         return RawData(rows=raw.rows[:SAMPLE_ROWS], bad=raw.bad)
     fs, path = pafs.FileSystem.from_uri(uri)
+    if fmt == "parquet":
+        with fs.open_input_file(path) as handle:
+            if not handle.size():
+                raise DataError(f"{uri}: the file is empty")
+            batches = pq.ParquetFile(handle).iter_batches(batch_size=SAMPLE_ROWS)
+            return RawData(rows=list(enumerate(next(batches, pa.table({})).to_pylist(), start=1)))
     with fs.open_input_stream(path) as stream:
+        if fmt == "csv":
+            head = io.BufferedReader(stream)
+            if not head.peek(1):
+                raise DataError(f"{uri}: the file is empty")
+            return RawData(rows=list(enumerate(_csv_records(head, SAMPLE_ROWS), start=1)))
         lines = list(itertools.islice(io.BufferedReader(stream), SAMPLE_ROWS))
     if not lines:
         raise DataError(f"{uri}: the file is empty")

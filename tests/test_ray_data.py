@@ -175,6 +175,22 @@ def test_a_folder_of_parquet_files_names_the_file_of_a_bad_row(local_ray, tiny_c
     assert streamed.report["bad_row_details"] == ["part-1.parquet row 11: output: missing or empty"]
 
 
+def test_a_parquet_file_in_many_row_groups_gives_the_drivers_tokens_report_and_bad_row_numbers(local_ray, tiny_causal, tmp_path, monkeypatch):
+    monkeypatch.setattr(ray_data, "PART_BYTES", 3000)  # parts of a few row groups: row numbers still the file's
+    rows = demo_rows(300, seed=8)
+    rows[6]["output"], rows[259]["output"] = "", " "
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=20)
+    run = _run(tiny_causal, path, "data.bad_rows=skip", "data.validation_fraction=0")
+    streamed = ray_data.prepare(run, _prompting(run))
+    driver = prepare(run.data, _prompting(run))
+
+    assert len(ray_data._file_parts([str(path)], "parquet")) > 3
+    assert _token_rows(streamed.train) == _token_rows(driver.train)
+    assert streamed.report["bad_row_details"] == ["row 7: output: missing or empty", "row 260: output: missing or empty"]
+    assert {k: v for k, v in streamed.report.items() if k != "loader"} == driver.report
+
+
 def test_an_s3_prefix_of_jsonl_parts_is_read_on_the_cluster(local_ray, s3, tiny_causal, monkeypatch):
     monkeypatch.setattr(ray_data, "PART_BYTES", 1000)  # each object read in byte ranges
     fs, root = pafs.FileSystem.from_uri(f"{s3}/rows")

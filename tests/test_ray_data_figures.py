@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.parquet as pq
 import pytest
 
 from jobs import ray_data
@@ -85,6 +88,45 @@ def test_a_jsonl_file_read_in_byte_range_parts_gives_the_whole_files_rows(tmp_pa
         (b.row, b.field, b.reason) for b in whole.bad
     ]
     assert len(parts) == -(-path.stat().st_size // part_bytes)
+
+
+def _parquet_in_row_groups(path, rows: list[dict], group_rows: int) -> None:
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=group_rows)
+
+
+@pytest.mark.parametrize("group_rows", [1, 7, 100, 1000])
+@pytest.mark.parametrize("part_bytes", [1, 3000, 10**7])
+def test_a_parquet_file_read_in_row_group_parts_gives_the_whole_files_rows(tmp_path, monkeypatch, group_rows, part_bytes):
+    path = tmp_path / "rows.parquet"
+    _parquet_in_row_groups(path, demo_rows(230, seed=5), group_rows)
+    monkeypatch.setattr(ray_data, "PART_BYTES", part_bytes)
+    parts = ray_data.row_group_parts([str(path)], [ray_data.row_groups(str(path))])
+    read = [row for part in parts for row in ray_data._file_rows(part, "parquet", {str(path): "rows.parquet"})]
+    assert [(r["row"], json.loads(r["record"])) for r in read] == ray_data.read_file(str(path), "parquet").rows
+    sizes = [size for _, size in ray_data.row_groups(str(path))]
+    assert [g for part in parts for g in part["row_groups"]] == list(range(-(-230 // group_rows)))
+    for part in parts[:-1]:  # each part the fewest row groups that reach PART_BYTES
+        held = [sizes[g] for g in part["row_groups"]]
+        assert sum(held) >= part_bytes > sum(held[:-1])
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_the_driver_reads_only_the_first_rows_of_a_csv_or_parquet_file(tmp_path, monkeypatch, fmt):
+    """The layout and columns come from the first SAMPLE_ROWS rows: the driver never reads a big file whole."""
+    rows = demo_rows(3 * ray_data.SAMPLE_ROWS, seed=6)
+    path = tmp_path / f"rows.{fmt}"
+    if fmt == "csv":
+        pa.csv.write_csv(pa.Table.from_pylist(rows), path)
+    else:
+        _parquet_in_row_groups(path, rows, ray_data.SAMPLE_ROWS // 2)
+    whole = ray_data.read_file(str(path), fmt)
+
+    def whole_file(*args):
+        raise AssertionError("the driver read the whole file")
+
+    monkeypatch.setattr(ray_data, "read_file", whole_file)
+    monkeypatch.setattr(pq, "read_table", whole_file)
+    assert ray_data._sample(str(path), fmt).rows == whole.rows[: ray_data.SAMPLE_ROWS]
 
 
 ENCODE_ELSEWHERE = """
