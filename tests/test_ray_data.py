@@ -205,6 +205,20 @@ def test_an_s3_prefix_of_jsonl_parts_is_read_on_the_cluster(local_ray, s3, tiny_
     assert 5 <= held_out <= 32, "a seeded 20% share of 90 rows (binomial: 18 +- 3.8, so outside this 3.6-sigma band is a broken split)"
 
 
+def test_a_parquet_object_on_s3_is_read_in_row_group_parts(local_ray, s3, tiny_causal, monkeypatch):
+    monkeypatch.setattr(ray_data, "PART_BYTES", 1000)
+    fs, root = pafs.FileSystem.from_uri(f"{s3}/table")
+    rows = demo_rows(90, seed=9)
+    rows[70]["output"] = ""
+    with fs.open_output_stream(f"{root}/rows.parquet") as out:
+        pq.write_table(pa.Table.from_pylist(rows), out, row_group_size=10)
+    run = _run(tiny_causal, f"{s3}/table", "data.validation_fraction=0", "data.bad_rows=skip")
+    assert len(ray_data._file_parts([f"{s3}/table/rows.parquet"], "parquet")) > 3
+    streamed = ray_data.prepare(run, _prompting(run))
+    assert streamed.report["rows_read"] == 90 and streamed.train_rows == 89
+    assert streamed.report["bad_row_details"] == ["row 71: output: missing or empty"]
+
+
 @pytest.mark.parametrize("measured", [ray_data.STATS_ROWS, 40], ids=["tokenized first", "tokenized as read"])
 def test_training_streams_the_shards_and_evaluation_reads_the_same_held_out_rows(local_ray, tiny_causal, tmp_path, monkeypatch, measured):
     """Two Train workers hold both CPUs: tokenizer actors that waited for one would stall the run."""
