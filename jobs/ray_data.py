@@ -167,7 +167,10 @@ def _file_parts(files: list[str], fmt: str) -> list[dict[str, Any]]:
     groups of some PART_BYTES (uncompressed) with the number of their first row (from the files' footers, read in
     Ray tasks)."""
     if fmt == "parquet":
-        return row_group_parts(files, ray.get([_row_groups.remote(f) for f in files]))
+        groups = ray.get([_row_groups.remote(f) for f in files])
+        if empty := [f for f, found in zip(files, groups, strict=True) if found is None]:
+            raise DataError("\n".join(f"{f}: the file is empty" for f in empty))
+        return row_group_parts(files, groups)
     if fmt != "jsonl":  # CSV: a quoted cell may hold a newline, so a byte range cannot tell where a row starts
         return [{"file": f} for f in files]
     parts = [part for uri in files for part in byte_ranges(uri)]
@@ -191,10 +194,12 @@ def count_newlines(uri: str, start: int, end: int) -> int:
 _newlines = ray.remote(count_newlines)
 
 
-def row_groups(uri: str) -> list[tuple[int, int]]:
-    """A Parquet file's row groups from its footer: (rows, uncompressed bytes) each."""
+def row_groups(uri: str) -> list[tuple[int, int]] | None:
+    """A Parquet file's row groups from its footer: (rows, uncompressed bytes) each; None for an empty file."""
     fs, path = pafs.FileSystem.from_uri(uri)
     with fs.open_input_file(path) as handle:
+        if not handle.size():
+            return None
         meta = pq.ParquetFile(handle).metadata
     return [(meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups)]
 

@@ -205,6 +205,18 @@ def test_an_s3_prefix_of_jsonl_parts_is_read_on_the_cluster(local_ray, s3, tiny_
     assert 5 <= held_out <= 32, "a seeded 20% share of 90 rows (binomial: 18 +- 3.8, so outside this 3.6-sigma band is a broken split)"
 
 
+@pytest.mark.parametrize("alone", [True, False], ids=["the file", "in a folder"])
+def test_an_empty_parquet_file_is_refused_by_name(local_ray, tiny_causal, tmp_path, alone):
+    folder = tmp_path / "table"
+    folder.mkdir()
+    (folder / "a.parquet").write_bytes(b"")
+    if not alone:
+        pq.write_table(pa.Table.from_pylist(demo_rows(20, seed=1)), folder / "b.parquet")
+    run = _run(tiny_causal, folder / "a.parquet" if alone else folder)
+    with pytest.raises(DataError, match=r"a\.parquet: the file is empty"):
+        ray_data.prepare(run, _prompting(run))
+
+
 def test_a_parquet_object_on_s3_is_read_in_row_group_parts(local_ray, s3, tiny_causal, monkeypatch):
     monkeypatch.setattr(ray_data, "PART_BYTES", 1000)
     fs, root = pafs.FileSystem.from_uri(f"{s3}/table")
