@@ -138,8 +138,8 @@ def folder_format(cfg: DataConfig) -> str:
 
 
 def read_file(uri: str, fmt: str) -> RawData:
-    """A whole file's rows, numbered from 1 as in the driver path (CSV/Parquet: data rows, header not counted).
-    JSONL and Parquet files are read in parts instead (`read_part`, `read_row_groups`)."""
+    """A whole CSV, SQuAD or JSON file's rows, numbered from 1 as in the driver path (CSV: data rows, header not
+    counted). JSONL and Parquet files are read in parts instead (`read_part`, `read_row_groups`)."""
     fs, path = pafs.FileSystem.from_uri(uri)
     with fs.open_input_file(path) as handle:
         content = handle.read()
@@ -149,9 +149,7 @@ def read_file(uri: str, fmt: str) -> RawData:
         return parse_squad(content, uri)
     if fmt == "json":
         return RawData(rows=list(enumerate(json.loads(content), start=1)))
-    if fmt == "csv":
-        return RawData(rows=list(enumerate(_csv_records(io.BytesIO(content)), start=1)))
-    return RawData(rows=list(enumerate(pq.read_table(io.BytesIO(content)).to_pylist(), start=1)))
+    return RawData(rows=list(enumerate(_csv_records(io.BytesIO(content)), start=1)))
 
 
 def _csv_records(source: Any, rows: int | None = None) -> list[dict[str, Any]]:
@@ -385,10 +383,8 @@ def _sample(uri: str, fmt: str) -> RawData:
         raw = read_file(uri, fmt)
         return RawData(rows=raw.rows[:SAMPLE_ROWS], bad=raw.bad)
     fs, path = pafs.FileSystem.from_uri(uri)
-    if fmt == "parquet":
+    if fmt == "parquet":  # `_file_parts` has refused an empty one: it has no footer
         with fs.open_input_file(path) as handle:
-            if not handle.size():
-                raise DataError(f"{uri}: the file is empty")
             batches = pq.ParquetFile(handle).iter_batches(batch_size=SAMPLE_ROWS)
             return RawData(rows=list(enumerate(next(batches, pa.table({})).to_pylist(), start=1)))
     with fs.open_input_stream(path) as stream:

@@ -100,10 +100,11 @@ def test_a_parquet_file_read_in_row_group_parts_gives_the_whole_files_rows(tmp_p
     path = tmp_path / "rows.parquet"
     _parquet_in_row_groups(path, demo_rows(230, seed=5), group_rows)
     monkeypatch.setattr(ray_data, "PART_BYTES", part_bytes)
-    parts = ray_data.row_group_parts([str(path)], [ray_data.row_groups(str(path))])
+    groups = ray_data.row_groups(str(path))
+    parts = ray_data.row_group_parts([str(path)], [groups])
     read = [row for part in parts for row in ray_data._file_rows(part, "parquet", {str(path): "rows.parquet"})]
-    assert [(r["row"], json.loads(r["record"])) for r in read] == ray_data.read_file(str(path), "parquet").rows
-    sizes = [size for _, size in ray_data.row_groups(str(path))]
+    assert [(r["row"], json.loads(r["record"])) for r in read] == list(enumerate(pq.read_table(path).to_pylist(), start=1))
+    sizes = [size for _, size in groups]
     assert [g for part in parts for g in part["row_groups"]] == list(range(-(-230 // group_rows)))
     for part in parts[:-1]:  # each part the fewest row groups that reach PART_BYTES
         held = [sizes[g] for g in part["row_groups"]]
@@ -119,14 +120,14 @@ def test_the_driver_reads_only_the_first_rows_of_a_csv_or_parquet_file(tmp_path,
         pa.csv.write_csv(pa.Table.from_pylist(rows), path)
     else:
         _parquet_in_row_groups(path, rows, ray_data.SAMPLE_ROWS // 2)
-    whole = ray_data.read_file(str(path), fmt)
+    whole = ray_data.read_file(str(path), fmt).rows if fmt == "csv" else list(enumerate(pq.read_table(path).to_pylist(), start=1))
 
     def whole_file(*args):
         raise AssertionError("the driver read the whole file")
 
     monkeypatch.setattr(ray_data, "read_file", whole_file)
     monkeypatch.setattr(pq, "read_table", whole_file)
-    assert ray_data._sample(str(path), fmt).rows == whole.rows[: ray_data.SAMPLE_ROWS]
+    assert ray_data._sample(str(path), fmt).rows == whole[: ray_data.SAMPLE_ROWS]
 
 
 ENCODE_ELSEWHERE = """
