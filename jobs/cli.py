@@ -283,13 +283,14 @@ def submit(
 
     with _exit_on((ConfigError,)):
         client, job_id = jobs_submit.submit(stage, config, overrides or [], address, env or [], install)
-    console.print(f"submitted {job_id}: lorafleet jobs logs {job_id} --follow", highlight=False)
+    # soft_wrap: a command or a reason to copy, never broken at the terminal's width
+    console.print(f"submitted {job_id}: lorafleet jobs logs {job_id} --follow", highlight=False, soft_wrap=True)
     if not wait:
         results.print(job_id)
         return
-    status = jobs_submit.follow(client, job_id, lambda line: results.print(line, highlight=False, markup=False))
-    console.print(f"job {job_id}: [bold]{status.value}[/]", highlight=False)
-    raise typer.Exit(jobs_submit.exit_code(status))
+    info = jobs_submit.follow(client, job_id, lambda line: results.print(line, highlight=False, markup=False))
+    console.print(jobs_submit.outcome(job_id, info), highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(jobs_submit.exit_code(info.status))
 
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Ray jobs on the cluster: list, status, logs, stop.")

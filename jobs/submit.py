@@ -19,7 +19,8 @@ import tomllib
 from pathlib import Path
 
 from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
-from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.dashboard.modules.job.common import JobErrorType
+from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
 from jobs import cluster
 from jobs.config import ConfigError, load_config
@@ -86,15 +87,27 @@ def submit(
     return jobs, job_id
 
 
-def follow(jobs: JobSubmissionClient, job_id: str, echo) -> JobStatus:
-    """Stream the job's logs until it ends; its final status."""
+def follow(jobs: JobSubmissionClient, job_id: str, echo) -> JobDetails:
+    """Stream the job's logs until it ends; its final status and message."""
 
     async def tail() -> None:
         async for lines in jobs.tail_job_logs(job_id):
             echo(lines.rstrip("\n"))
 
     asyncio.run(tail())
-    return jobs.get_job_status(job_id)
+    return jobs.get_job_info(job_id)
+
+
+def outcome(job_id: str, info: JobDetails) -> str:
+    """The final line for a job, with Ray's message when it did not succeed. A job that fails before its
+    entrypoint runs (its runtime env could not be built: a pip error, a full disk) has no logs, so the
+    message is the only account of why. An entrypoint's failure repeats the streamed log tail after its
+    first line; that line is enough."""
+    shown = f"job {job_id}: {info.status.value}"
+    if info.status == JobStatus.SUCCEEDED or not info.message:
+        return shown
+    entrypoint_failed = info.error_type == JobErrorType.JOB_ENTRYPOINT_COMMAND_ERROR.value
+    return f"{shown}: {info.message.splitlines()[0] if entrypoint_failed else info.message}"
 
 
 def exit_code(status: JobStatus) -> int:
