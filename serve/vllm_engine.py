@@ -16,10 +16,12 @@ wraps vLLM's `AsyncLLM` instead (README, Serving engines).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import logging
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
@@ -31,9 +33,10 @@ from ray import serve
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from jobs.adapter import CONFIG, WEIGHTS, vllm_problems
+from jobs.adapter import CONFIG, WEIGHTS, is_adapter_folder, vllm_problems
 from jobs.config import RunConfig
 from jobs.model import model_config, model_path
+from jobs.packaged import lorafleet_cache
 from serve import adapters
 from serve.adapters import AdapterLoadError, check_fits
 from serve.generation import Delta, GenRequest, Rejected, collect, logprob_entry
@@ -111,7 +114,7 @@ def _logprobs(choice, k: int | None) -> list[dict] | None:
     return entries
 
 
-def zero_adapter(shape, folder: Path) -> Path:
+def zero_adapter(shape, cache: Path) -> Path:
     """A LoRA on every linear layer whose matrices are all zero, for base-model requests on CPU.
 
     vLLM 0.32's CPU LoRA ops pick each row's adapter as `lora_b_weights[lora_indices_tensor]`
@@ -120,15 +123,16 @@ def zero_adapter(shape, folder: Path) -> Path:
     tests/test_serve_ray.py, two adapters and the base at once). Through this adapter every row
     has a real slot, and the LoRA adds exactly zero. Written by hand: PEFT cannot save a model
     built on the meta device, and loading the base's weights for an all-zero file would waste memory.
+
+    vLLM reads the folder whenever it loads the adapter again, so it must outlive the replica's start. It
+    lives in `cache`, named by its shapes and written once: every replica of a base model, restarted or
+    added by autoscaling, uses the same folder, where a temporary folder per replica was never removed.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors, targets = {}, set()
-    for name, module in shape.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head":
-            targets.add(name.split(".")[-1])
-            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.zeros(ZERO_RANK, module.in_features)
-            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.zeros(module.out_features, ZERO_RANK)
-    save_file(tensors, folder / WEIGHTS)
+    layers = sorted(
+        (name, module.in_features, module.out_features)
+        for name, module in shape.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head"
+    )
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -136,9 +140,23 @@ def zero_adapter(shape, folder: Path) -> Path:
         "lora_alpha": ZERO_RANK,
         "lora_dropout": 0.0,
         "bias": "none",
-        "target_modules": sorted(targets),
+        "target_modules": sorted({name.split(".")[-1] for name, _, _ in layers}),
     }
-    (folder / CONFIG).write_text(json.dumps(config))
+    folder = cache / f"zero-lora-{hashlib.sha256(json.dumps([config, layers]).encode()).hexdigest()[:16]}"
+    if is_adapter_folder(folder):
+        return folder
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cache, prefix=".zero-lora-"))
+    tensors = {}
+    for name, fan_in, fan_out in layers:
+        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.zeros(ZERO_RANK, fan_in)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.zeros(fan_out, ZERO_RANK)
+    save_file(tensors, staging / WEIGHTS)
+    (staging / CONFIG).write_text(json.dumps(config))
+    try:
+        staging.rename(folder)  # atomic: a reader sees the whole folder or none
+    except OSError:  # another replica wrote the same folder first
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
@@ -174,7 +192,7 @@ class VllmEngine:
         if not run.serve.on_gpu:
             from vllm.lora.request import LoRARequest
 
-            folder = zero_adapter(self.shape, Path(tempfile.mkdtemp(prefix="lorafleet-zero-lora-")))
+            folder = zero_adapter(self.shape, lorafleet_cache() / "zero-adapters")
             self.base_lora = LoRARequest("__base__", next(self.lora_ids), str(folder))
 
         async def load(name: str) -> LoadedLora:  # a plain function: Serve keeps its LRU cache on it

@@ -197,10 +197,28 @@ def test_the_zero_adapter_covers_every_linear_layer_with_zeros(tmp_path, tiny_ca
 
     with torch.device("meta"):
         shape = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_causal_vllm))
-    folder = zero_adapter(shape, tmp_path / "zero")
+    folder = zero_adapter(shape, tmp_path / "cache")
     weights = load_file(folder / adapters.WEIGHTS)
     assert len(weights) == 2 * 7 * 2 and all(not t.any() for t in weights.values())  # 7 projections x 2 layers, A and B
+    assert weights["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (8, shape.config.hidden_size)
     assert json.loads((folder / adapters.CONFIG).read_text())["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_every_replica_of_a_base_shares_one_zero_adapter_folder(tmp_path, tiny_causal_vllm):
+    """A replica restarted or added by autoscaling writes nothing new; another base gets a folder of its own."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_causal_vllm)
+    with torch.device("meta"):
+        shape = AutoModelForCausalLM.from_config(config)
+        wider = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_causal_vllm, intermediate_size=2 * config.intermediate_size))
+    cache = tmp_path / "cache"
+    first = zero_adapter(shape, cache)
+    written = (first / adapters.WEIGHTS).stat().st_mtime_ns
+    assert zero_adapter(shape, cache) == first and (first / adapters.WEIGHTS).stat().st_mtime_ns == written
+    other = zero_adapter(wider, cache)
+    assert other != first and sorted(p.name for p in cache.iterdir()) == sorted([first.name, other.name])  # no staging left
 
 
 def test_chat_messages_reach_the_template_in_the_training_examples_form():
