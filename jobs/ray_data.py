@@ -210,13 +210,13 @@ def row_group_parts(files: list[str], groups: list[list[tuple[int, int]]]) -> li
     with the number of its first row."""
     parts = []
     for uri, sizes in zip(files, groups, strict=True):
-        before, part = 0, None
+        before, held = 0, PART_BYTES  # a file's first row group starts a part
         for index, (rows, size) in enumerate(sizes):
-            if part is None or part["bytes"] >= PART_BYTES:
-                part = {"file": uri, "row_groups": [], "first_row": before + 1, "bytes": 0}
-                parts.append(part)
-            part["row_groups"].append(index)
-            part["bytes"] += size
+            if held >= PART_BYTES:
+                parts.append({"file": uri, "row_groups": [], "first_row": before + 1})
+                held = 0
+            parts[-1]["row_groups"].append(index)
+            held += size
             before += rows
     return parts
 

@@ -19,8 +19,7 @@ import tomllib
 from pathlib import Path
 
 from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
-from ray.dashboard.modules.job.common import JobErrorType
-from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
+from ray.job_submission import JobDetails, JobErrorType, JobStatus, JobSubmissionClient
 
 from jobs import cluster
 from jobs.config import ConfigError, load_config
