@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from datasets import Dataset, load_dataset, load_from_disk
 
 from jobs import conversations
 from jobs.config import DataConfig
 from jobs.demo_data import demo_conversations, demo_rows
 
 if TYPE_CHECKING:  # the model stack (torch, peft) is not needed to read and check data
+    from datasets import Dataset
+
     from jobs.prompting import Prompting
 
 SQUAD_PROMPT = "Answer with a short span copied from the context.\nContext: {context}\nQuestion: {question}"
@@ -196,6 +197,8 @@ def is_saved_dataset(path: str) -> bool:
 
 def load_hf_dataset(cfg: DataConfig) -> Dataset:
     """A dataset folder (`save_to_disk`) or a hub dataset id, at data.split."""
+    from datasets import load_dataset, load_from_disk  # here: a Ray Data task reading JSONL never imports it (0.4 s)
+
     if is_saved_dataset(cfg.path):
         loaded = load_from_disk(cfg.path)
         return loaded[cfg.split] if hasattr(loaded, "keys") else loaded
@@ -203,6 +206,8 @@ def load_hf_dataset(cfg: DataConfig) -> Dataset:
 
 
 def _read_table(fmt: str, cfg: DataConfig) -> RawData:
+    from datasets import load_dataset
+
     dataset = load_hf_dataset(cfg) if fmt == "hf" else load_dataset(fmt, data_files=cfg.path, split="train")
     return RawData(rows=[(i + 1, record) for i, record in enumerate(dataset)])
 
@@ -346,6 +351,8 @@ def check_bad_rows(bad: list[BadRow], cfg: DataConfig, total: int, count: int | 
 
 
 def split(examples: list[dict[str, Any]], cfg: DataConfig) -> tuple[Dataset, Dataset | None]:
+    from datasets import Dataset
+
     dataset = Dataset.from_list(examples)
     if cfg.validation_fraction == 0:
         return dataset, None

@@ -1,7 +1,7 @@
 """Training data on Ray Data (`data.loader: ray_data`): for data that outgrows the driver.
 
-Files (local or `s3://`, one file or a folder of them) are read in Ray tasks, one per file or per
-2 MiB part of a JSONL file; rows are checked and split in `map_batches` tasks, all of them before training (a bad
+Files (local or `s3://`, one file or a folder of them) are read in Ray tasks, one per file or per part of up to
+2 MiB of a JSONL file; rows are checked and split in `map_batches` tasks, all of them before training (a bad
 row is an error before any Train worker starts; the steps come from the counted rows). The held-out rows and the
 training rows among the first STATS_ROWS rows are then tokenized in `map_batches` tasks (up to one per CPU, with
 the driver's tokenizer) for the report's token figures; beyond those, the training rows are tokenized as the Train
@@ -70,8 +70,9 @@ SUFFIXES = {
 }
 # Rows of the first file that decide the layout and the columns, as the driver path's whole file does.
 SAMPLE_ROWS = 1000
-# A JSONL file is read in parts of this many bytes (some 8,000 rows of 256 bytes), one Ray task each: one
-# big file would be one task and one block, and every stage after it would run on one CPU.
+# A JSONL file is read in parts of up to this many bytes (some 8,000 rows of 256 bytes), one Ray task each: one
+# big file would be one task and one block, and every stage after it would run on one CPU. Smaller input is cut into
+# one part per CPU.
 PART_BYTES = 2 * 2**20
 TOKEN_COLUMNS = ["input_ids", "attention_mask", "labels"]
 # Rows whose training rows are tokenized before training, for the report's token figures: with more, the others are
@@ -160,27 +161,42 @@ def _csv_records(source: Any, rows: int | None = None) -> list[dict[str, Any]]:
 
 
 def _file_parts(files: list[str], fmt: str) -> list[dict[str, Any]]:
-    """Ray tasks' shares of the files: a whole file; for JSONL a byte range of PART_BYTES with the row number of its
-    first line (from a newline count of the parts before it, itself done in Ray tasks); for Parquet consecutive row
-    groups of some PART_BYTES (uncompressed) with the number of their first row (from the files' footers, read in
-    Ray tasks)."""
+    """Ray tasks' shares of the files: a whole file; for JSONL a byte range of `_part_bytes` with the row number of
+    its first line (from a newline count of the parts before it, itself done in Ray tasks); for Parquet consecutive
+    row groups of some `_part_bytes` (uncompressed) with the number of their first row (from the files' footers, read
+    in Ray tasks)."""
     if fmt == "parquet":
         groups = ray.get([_row_groups.remote(f) for f in files])
         if empty := [f for f, found in zip(files, groups, strict=True) if found is None]:
             raise DataError("\n".join(f"{f}: the file is empty" for f in empty))
-        return row_group_parts(files, groups)
+        return row_group_parts(files, groups, _part_bytes(sum(size for found in groups for _, size in found)))
     if fmt != "jsonl":  # CSV: a quoted cell may hold a newline, so a byte range cannot tell where a row starts
         return [{"file": f} for f in files]
-    parts = [part for uri in files for part in byte_ranges(uri)]
+    sizes = [_file_size(uri) for uri in files]
+    part_bytes = _part_bytes(sum(sizes))
+    parts = [part for uri, size in zip(files, sizes, strict=True) for part in byte_ranges(uri, size, part_bytes)]
     # A second read of the bytes, but a cheap one: counting newlines is far faster than parsing JSON.
     counts = ray.get([_newlines.remote(p["file"], p["start"], p["end"]) for p in parts])
     return numbered(parts, counts)
 
 
-def byte_ranges(uri: str) -> list[dict[str, Any]]:
+def _part_bytes(total: int) -> int:
+    """PART_BYTES, or less when the input is small: every CPU then gets a part, not one CPU a 2 MiB part and another
+    the rest."""
+    return max(1, min(PART_BYTES, -(-total // _cpus())))
+
+
+def _cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _file_size(uri: str) -> int:
     fs, path = pafs.FileSystem.from_uri(uri)
-    size = fs.get_file_info(path).size
-    return [{"file": uri, "start": s, "end": min(s + PART_BYTES, size)} for s in range(0, max(size, 1), PART_BYTES)]
+    return fs.get_file_info(path).size
+
+
+def byte_ranges(uri: str, size: int, part_bytes: int) -> list[dict[str, Any]]:
+    return [{"file": uri, "start": s, "end": min(s + part_bytes, size)} for s in range(0, max(size, 1), part_bytes)]
 
 
 def count_newlines(uri: str, start: int, end: int) -> int:
@@ -205,14 +221,14 @@ def row_groups(uri: str) -> list[tuple[int, int]] | None:
 _row_groups = ray.remote(row_groups)
 
 
-def row_group_parts(files: list[str], groups: list[list[tuple[int, int]]]) -> list[dict[str, Any]]:
-    """Each file's row groups gathered into parts of at least PART_BYTES (the last one of a file may be smaller), each
-    with the number of its first row."""
+def row_group_parts(files: list[str], groups: list[list[tuple[int, int]]], part_bytes: int) -> list[dict[str, Any]]:
+    """Each file's row groups gathered into parts of at least `part_bytes` (the last one of a file may be smaller),
+    each with the number of its first row."""
     parts = []
     for uri, sizes in zip(files, groups, strict=True):
-        before, held = 0, PART_BYTES  # a file's first row group starts a part
+        before, held = 0, part_bytes  # a file's first row group starts a part
         for index, (rows, size) in enumerate(sizes):
-            if held >= PART_BYTES:
+            if held >= part_bytes:
                 parts.append({"file": uri, "row_groups": [], "first_row": before + 1})
                 held = 0
             parts[-1]["row_groups"].append(index)
@@ -434,7 +450,7 @@ def _checked(cfg: DataConfig) -> tuple[ray.data.Dataset, str, str, bool]:
     layout = resolve_layout(cfg, fmt, columns)
     to_examples(sample, cfg, fmt, layout, columns)  # absent template columns: one error now, not one per row
     checked = rows.map_batches(_check_batch, fn_kwargs={"cfg": cfg, "fmt": fmt, "layout": layout, "columns": columns})
-    return checked.materialize(), fmt, layout, single_file
+    return _materialized(checked), fmt, layout, single_file
 
 
 def _bad_rows(checked: ray.data.Dataset, single_file: bool) -> tuple[list[BadRow], int, int]:
@@ -482,19 +498,19 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
     used = min(valid, cfg.max_samples or valid)
     usable, usable_not_train = checked, not_train
     if cfg.max_samples:
-        usable = checked.filter(expr=col("kind") != "bad").limit(cfg.max_samples).materialize()
+        usable = _materialized(checked.filter(expr=col("kind") != "bad").limit(cfg.max_samples))
         usable_not_train = _not_train(usable)
     counted = usable.count() - usable_not_train.count()
     conversation = layout in ("messages", "sharegpt")
     encode_args = {"prompting": pickle.dumps(prompting), "data": cfg}
     streamed = usable.count() > STATS_ROWS
-    head, tail = usable.split_at_indices([STATS_ROWS]) if streamed else (usable, None)
+    head, tail = _head_and_tail(usable, STATS_ROWS if streamed else usable.count())
     # Materialized: head_train is counted as well as tokenized, and its filter then runs once.
-    held_out_rows = usable_not_train.filter(expr=col("kind") == "validation").materialize()
-    head_train = head.filter(expr=col("kind") == "train").materialize()
+    held_out_rows = _materialized(usable_not_train.filter(expr=col("kind") == "validation"))
+    head_train = _materialized(head.filter(expr=col("kind") == "train"))
     if streamed and not head_train.count():  # the first rows are all bad or held out: every training row is measured
-        streamed, head_train = False, usable.filter(expr=col("kind") == "train").materialize()
-    measured = _tokenized([held_out_rows, head_train], encode_args).materialize()
+        streamed, head_train = False, _materialized(usable.filter(expr=col("kind") == "train"))
+    measured = _materialized(_tokenized([held_out_rows, head_train], encode_args))
     stats = _token_stats(measured, cfg, conversation, single_file)
     if cfg.validation_fraction and not stats.get("validation", {}).get("rows"):
         raise DataError(
@@ -507,14 +523,14 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
         measured = measured.filter(expr=TRAINS)
     held_out = measured.filter(expr=col("kind") == "validation")
     # Materialized: the Train workers may hold every CPU, and a lazy filter would then wait for one forever.
-    train = measured.filter(expr=col("kind") == "train").select_columns(TOKEN_COLUMNS).materialize()
+    train = _materialized(measured.filter(expr=col("kind") == "train").select_columns(TOKEN_COLUMNS))
     train_rows = stats["train"]["rows"]
     if streamed:
         # Conversations the tokenizer leaves unusable are dropped as they stream: their share is the measured one.
         measured_rows = head_train.count()
         train_rows = round(counted * stats["train"]["rows"] / measured_rows)
         stats["train"] |= {"rows": train_rows, "token_figures_from_rows": measured_rows}
-        train = train.union(_tokenized([tail], encode_args, streamed=True))
+        train = train.union(_tokenized(tail, encode_args, streamed=True))
     has_eval = bool(cfg.validation_fraction)
     report = {
         "source": cfg.path,
@@ -532,7 +548,7 @@ def prepare(run: RunConfig, prompting: Prompting) -> StreamedData:
     }
     return StreamedData(
         train=train,
-        eval=held_out.select_columns(TOKEN_COLUMNS).materialize() if has_eval else None,
+        eval=_materialized(held_out.select_columns(TOKEN_COLUMNS)) if has_eval else None,
         eval_examples=[json.loads(r["example"]) for r in held_out.take(run.eval.during_training_samples)]
         if has_eval and run.eval.during_training_samples
         else [],
@@ -549,7 +565,7 @@ def _tokenized(
     Ray Data warns of a limit above the blocks). Now (the caller materializes): with the figures the report needs.
     `streamed`: only the rows' tokens, as the Train workers read them, by tasks that ask for no CPU: the Train workers
     may hold every CPU, and a task waiting for one would stall training forever; they share the cores instead."""
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    cpus = _cpus()
     tasks = max(1, min(cpus, sum(rows.num_blocks() for rows in sets)))
     rows = sets[0] if len(sets) == 1 else sets[0].union(*sets[1:])
     return rows.map_batches(
@@ -561,8 +577,36 @@ def _tokenized(
     )
 
 
+def _head_and_tail(rows: ray.data.MaterializedDataset, head_rows: int) -> tuple[ray.data.Dataset, list]:
+    """The first `head_rows` rows and the rest (as pieces), each cut into one piece per CPU for the tokenizer tasks:
+    a small input is one or two blocks (a part of a file each), which one task would tokenize while the other CPUs
+    wait."""
+    cpus, total = _cpus(), rows.count()
+    cuts = [head_rows * i // cpus for i in range(1, cpus)] + [head_rows]
+    cuts += [head_rows + (total - head_rows) * i // cpus for i in range(1, cpus)]
+    pieces = rows.split_at_indices(cuts)
+    head = pieces[0].union(*pieces[1:cpus]) if cpus > 1 else pieces[0]
+    return head, [piece for piece in pieces[cpus:] if piece.count()]
+
+
+def _materialized(rows: ray.data.Dataset) -> ray.data.MaterializedDataset:
+    """`rows.materialize()` with Ray Data's operator reservations off for this run only. They hold each operator of a
+    stream to a share of the CPUs, which on a small cluster leaves a map to one task at a time (here, on 2 CPUs, two 1 s
+    map tasks took 2.99 s with them, 1.11 s without). A run that is materialized keeps all its outputs anyway; the
+    stream that feeds the Train workers keeps them, as they also bound how far it runs ahead of training."""
+    context = rows.context
+    before = context.op_resource_reservation_enabled
+    context.op_resource_reservation_enabled = False
+    try:
+        done = rows.materialize()
+    finally:
+        context.op_resource_reservation_enabled = before
+    done.context.op_resource_reservation_enabled = before  # its own copy of the context, made for the run
+    return done
+
+
 def _not_train(checked: ray.data.Dataset) -> ray.data.Dataset:
-    return checked.filter(expr=col("kind") != "train").materialize()
+    return _materialized(checked.filter(expr=col("kind") != "train"))
 
 
 def _count_kinds(checked: ray.data.Dataset) -> dict[str, int]:

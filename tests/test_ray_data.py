@@ -88,6 +88,37 @@ def test_the_same_tokens_and_report_figures_as_the_driver_path(local_ray, tiny_c
     assert streamed.report["loader"] == "ray_data"
 
 
+def _block_rows(dataset) -> list[int]:
+    return [len(batch["id"]) for batch in dataset.iter_batches(batch_size=None)]  # one batch per block
+
+
+def test_a_small_input_is_cut_into_a_share_per_cpu_and_only_materialized_runs_lift_ray_datas_reservations(local_ray, tmp_path):
+    """1,000 rows fit in one 2 MiB part, and would be one task and one block: they are read in one part per CPU, and
+    the measured head and the streamed tail are cut into one piece per CPU, in row order, no row lost or repeated.
+    Ray Data's operator reservations (one task at a time on 2 CPUs) are off in a run that is materialized, and back
+    on for what comes after it: the stream to the Train workers."""
+    path = _write_jsonl(tmp_path / "rows.jsonl", demo_rows(1000, seed=1))
+    parts = ray_data._file_parts([path], "jsonl")
+    assert [p["first_row"] for p in parts] == [1, parts[1]["first_row"]] and 450 < parts[1]["first_row"] < 550
+    assert len(ray_data._file_parts([_write_jsonl(tmp_path / "one.jsonl", demo_rows(1, seed=1))], "jsonl")) == 2
+
+    rows = ray.data.range(1000, override_num_blocks=1).materialize()
+    head, tail = ray_data._head_and_tail(rows, 300)
+    assert _block_rows(head) == [150, 150] and [_block_rows(piece) for piece in tail] == [[350], [350]]
+    assert [r["id"] for r in head.take_all()] + [r["id"] for piece in tail for r in piece.take_all()] == list(range(1000))
+    whole, none = ray_data._head_and_tail(rows, 1000)
+    assert _block_rows(whole) == [500, 500] and none == []
+
+    def reserving(batch):
+        rows = len(next(iter(batch.values())))
+        return {"reserving": [ray.data.DataContext.get_current().op_resource_reservation_enabled] * rows}
+
+    done = ray_data._materialized(rows.map_batches(reserving))
+    assert {r["reserving"] for r in done.take_all()} == {False}
+    assert rows.context.op_resource_reservation_enabled and done.context.op_resource_reservation_enabled
+    assert {r["reserving"] for r in done.map_batches(reserving).take_all()} == {True}
+
+
 @pytest.mark.parametrize("kind", ["prompts", "conversations"])
 def test_rows_beyond_the_measured_ones_are_tokenized_as_training_reads_them(local_ray, tiny_causal, tmp_path, monkeypatch, kind):
     """More training rows than STATS_ROWS: the rest are left to the Train workers' stream, with the same tokens."""

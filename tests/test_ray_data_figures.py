@@ -75,11 +75,10 @@ def _awkward_jsonl(path, seed: int) -> None:
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("part_bytes", [1, 7, 100, 4096, 10**7])
-def test_a_jsonl_file_read_in_byte_range_parts_gives_the_whole_files_rows(tmp_path, monkeypatch, seed, part_bytes):
+def test_a_jsonl_file_read_in_byte_range_parts_gives_the_whole_files_rows(tmp_path, seed, part_bytes):
     path = tmp_path / "rows.jsonl"
     _awkward_jsonl(path, seed)
-    monkeypatch.setattr(ray_data, "PART_BYTES", part_bytes)
-    parts = ray_data.byte_ranges(str(path))
+    parts = ray_data.byte_ranges(str(path), path.stat().st_size, part_bytes)
     parts = ray_data.numbered(parts, [ray_data.count_newlines(str(path), p["start"], p["end"]) for p in parts])
     read = [row for part in parts for row in ray_data._file_rows(part, "jsonl", {str(path): "rows.jsonl"})]
     whole = parse_jsonl(path.open("rb"))
@@ -96,17 +95,16 @@ def _parquet_in_row_groups(path, rows: list[dict], group_rows: int) -> None:
 
 @pytest.mark.parametrize("group_rows", [1, 7, 100, 1000])
 @pytest.mark.parametrize("part_bytes", [1, 3000, 10**7])
-def test_a_parquet_file_read_in_row_group_parts_gives_the_whole_files_rows(tmp_path, monkeypatch, group_rows, part_bytes):
+def test_a_parquet_file_read_in_row_group_parts_gives_the_whole_files_rows(tmp_path, group_rows, part_bytes):
     path = tmp_path / "rows.parquet"
     _parquet_in_row_groups(path, demo_rows(230, seed=5), group_rows)
-    monkeypatch.setattr(ray_data, "PART_BYTES", part_bytes)
     groups = ray_data.row_groups(str(path))
-    parts = ray_data.row_group_parts([str(path)], [groups])
+    parts = ray_data.row_group_parts([str(path)], [groups], part_bytes)
     read = [row for part in parts for row in ray_data._file_rows(part, "parquet", {str(path): "rows.parquet"})]
     assert [(r["row"], json.loads(r["record"])) for r in read] == list(enumerate(pq.read_table(path).to_pylist(), start=1))
     sizes = [size for _, size in groups]
     assert [g for part in parts for g in part["row_groups"]] == list(range(-(-230 // group_rows)))
-    for part in parts[:-1]:  # each part the fewest row groups that reach PART_BYTES
+    for part in parts[:-1]:  # each part the fewest row groups that reach part_bytes
         held = [sizes[g] for g in part["row_groups"]]
         assert sum(held) >= part_bytes > sum(held[:-1])
 
