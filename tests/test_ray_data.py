@@ -110,8 +110,8 @@ def test_a_small_input_is_cut_into_a_share_per_cpu_and_only_materialized_runs_li
     assert _block_rows(whole) == [500, 500] and none == []
 
     def reserving(batch):
-        rows = len(next(iter(batch.values())))
-        return {"reserving": [ray.data.DataContext.get_current().op_resource_reservation_enabled] * rows}
+        count = len(next(iter(batch.values())))
+        return {"reserving": [ray.data.DataContext.get_current().op_resource_reservation_enabled] * count}
 
     done = ray_data._materialized(rows.map_batches(reserving))
     assert {r["reserving"] for r in done.take_all()} == {False}
