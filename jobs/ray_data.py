@@ -97,19 +97,20 @@ class StreamedData:
         return self.made_from == (run.data, run.model.name)
 
 
-def source_files(cfg: DataConfig, fmt: str) -> list[str]:
-    """data.path's files: the file itself, or every file of the format under the folder (sorted)."""
+def source_files(cfg: DataConfig, fmt: str) -> dict[str, int]:
+    """data.path's files and their sizes in bytes: the file itself, or every file of the format under the folder
+    (sorted). The sizes come with the listing: on S3 another request per object would be needed."""
     fs, root = _filesystem(cfg.path)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
-        return [_uri(cfg.path, root)]
+        return {_uri(cfg.path, root): info.size}
     if info.type != pafs.FileType.Directory:
         raise DataError(f"data.path = {cfg.path!r}: file not found")
     found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    files = sorted(i.path for i in found if i.type == pafs.FileType.File and i.path.lower().endswith(SUFFIXES[fmt]))
+    files = [i for i in found if i.type == pafs.FileType.File and i.path.lower().endswith(SUFFIXES[fmt])]
     if not files:
         raise DataError(f"data.path = {cfg.path!r}: no {'/'.join(SUFFIXES[fmt])} files in this folder")
-    return [_uri(cfg.path, path) for path in files]
+    return {_uri(cfg.path, i.path): i.size for i in sorted(files, key=lambda i: i.path)}
 
 
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
@@ -160,7 +161,7 @@ def _csv_records(source: Any, rows: int | None = None) -> list[dict[str, Any]]:
     return frame.where(frame.notna(), None).to_dict("records")
 
 
-def _file_parts(files: list[str], fmt: str) -> list[dict[str, Any]]:
+def _file_parts(files: dict[str, int], fmt: str) -> list[dict[str, Any]]:
     """Ray tasks' shares of the files: a whole file; for JSONL a byte range of `_part_bytes` with the row number of
     its first line (from a newline count of the parts before it, itself done in Ray tasks); for Parquet consecutive
     row groups of some `_part_bytes` (uncompressed) with the number of their first row (from the files' footers, read
@@ -169,12 +170,11 @@ def _file_parts(files: list[str], fmt: str) -> list[dict[str, Any]]:
         groups = ray.get([_row_groups.remote(f) for f in files])
         if empty := [f for f, found in zip(files, groups, strict=True) if found is None]:
             raise DataError("\n".join(f"{f}: the file is empty" for f in empty))
-        return row_group_parts(files, groups, _part_bytes(sum(size for found in groups for _, size in found)))
+        return row_group_parts(list(files), groups, _part_bytes(sum(size for found in groups for _, size in found)))
     if fmt != "jsonl":  # CSV: a quoted cell may hold a newline, so a byte range cannot tell where a row starts
         return [{"file": f} for f in files]
-    sizes = [_file_size(uri) for uri in files]
-    part_bytes = _part_bytes(sum(sizes))
-    parts = [part for uri, size in zip(files, sizes, strict=True) for part in byte_ranges(uri, size, part_bytes)]
+    part_bytes = _part_bytes(sum(files.values()))
+    parts = [part for uri, size in files.items() for part in byte_ranges(uri, size, part_bytes)]
     # A second read of the bytes, but a cheap one: counting newlines is far faster than parsing JSON.
     counts = ray.get([_newlines.remote(p["file"], p["start"], p["end"]) for p in parts])
     return numbered(parts, counts)
@@ -188,11 +188,6 @@ def _part_bytes(total: int) -> int:
 
 def _cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
-def _file_size(uri: str) -> int:
-    fs, path = pafs.FileSystem.from_uri(uri)
-    return fs.get_file_info(path).size
 
 
 def byte_ranges(uri: str, size: int, part_bytes: int) -> list[dict[str, Any]]:
@@ -387,7 +382,7 @@ def _read(cfg: DataConfig, fmt: str) -> tuple[ray.data.Dataset, RawData, bool]:
     items = ray.data.from_items(parts, override_num_blocks=len(parts))
     return (
         items.flat_map(_file_rows, fn_kwargs={"fmt": fmt, "name_of": name_of}),
-        _sample(files[0], fmt),
+        _sample(next(iter(files)), fmt),
         len(files) == 1,
     )
 

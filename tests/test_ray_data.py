@@ -13,7 +13,7 @@ import ray
 from ray.data.dataset import MaterializedDataset
 
 from jobs import ray_data
-from jobs.config import load_config
+from jobs.config import DataConfig, load_config
 from jobs.data import DataError, load_examples, prepare
 from jobs.demo_data import demo_rows
 from jobs.evaluation import eval_examples
@@ -98,9 +98,10 @@ def test_a_small_input_is_cut_into_a_share_per_cpu_and_only_materialized_runs_li
     Ray Data's operator reservations (one task at a time on 2 CPUs) are off in a run that is materialized, and back
     on for what comes after it: the stream to the Train workers."""
     path = _write_jsonl(tmp_path / "rows.jsonl", demo_rows(1000, seed=1))
-    parts = ray_data._file_parts([path], "jsonl")
+    parts = ray_data._file_parts(ray_data.source_files(DataConfig(path=path), "jsonl"), "jsonl")
     assert [p["first_row"] for p in parts] == [1, parts[1]["first_row"]] and 450 < parts[1]["first_row"] < 550
-    assert len(ray_data._file_parts([_write_jsonl(tmp_path / "one.jsonl", demo_rows(1, seed=1))], "jsonl")) == 2
+    one = _write_jsonl(tmp_path / "one.jsonl", demo_rows(1, seed=1))
+    assert len(ray_data._file_parts(ray_data.source_files(DataConfig(path=one), "jsonl"), "jsonl")) == 2
 
     rows = ray.data.range(1000, override_num_blocks=1).materialize()
     head, tail = ray_data._head_and_tail(rows, 300)
@@ -216,7 +217,7 @@ def test_a_parquet_file_in_many_row_groups_gives_the_drivers_tokens_report_and_b
     streamed = ray_data.prepare(run, _prompting(run))
     driver = prepare(run.data, _prompting(run))
 
-    assert len(ray_data._file_parts([str(path)], "parquet")) > 3
+    assert len(ray_data._file_parts(ray_data.source_files(run.data, "parquet"), "parquet")) > 3
     assert _token_rows(streamed.train) == _token_rows(driver.train)
     assert streamed.report["bad_row_details"] == ["row 7: output: missing or empty", "row 260: output: missing or empty"]
     assert {k: v for k, v in streamed.report.items() if k != "loader"} == driver.report
@@ -256,7 +257,7 @@ def test_a_parquet_object_on_s3_is_read_in_row_group_parts(local_ray, s3, tiny_c
     with fs.open_output_stream(f"{root}/rows.parquet") as out:
         pq.write_table(pa.Table.from_pylist(rows), out, row_group_size=10)
     run = _run(tiny_causal, f"{s3}/table", "data.validation_fraction=0", "data.bad_rows=skip")
-    assert len(ray_data._file_parts([f"{s3}/table/rows.parquet"], "parquet")) > 3
+    assert len(ray_data._file_parts(ray_data.source_files(run.data, "parquet"), "parquet")) > 3
     streamed = ray_data.prepare(run, _prompting(run))
     assert streamed.report["rows_read"] == 90 and streamed.train_rows == 89
     assert streamed.report["bad_row_details"] == ["row 71: output: missing or empty"]
