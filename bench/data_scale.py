@@ -1,13 +1,13 @@
 """The training data path at scale, driver against Ray Data, in one run.
 
-    python bench/data_scale.py [--rows 10000 100000 1000000] [--format jsonl|parquet]
+    python bench/data_scale.py [--rows 10000 100000 1000000] [--format jsonl|parquet|csv]
 
-For each size, generated demo rows (JSONL, or Parquet in row groups of --row-group-rows) with SmolLM2's tokenizer and chat template, each in a
+For each size, generated demo rows (JSONL, CSV, or Parquet in row groups of --row-group-rows) with SmolLM2's tokenizer and chat template, each in a
 fresh process pinned with taskset:
 - driver (`data.loader: driver`): `jobs.data.prepare` (read, check, split, tokenize in the driver) on
   1 CPU and on 2 CPUs, then `ray.put` of the tokenized data for the workers;
 - Ray Data (`data.loader: ray_data`): `jobs.ray_data.prepare` (read in Ray tasks, the JSONL file in
-  2 MiB parts, check in map_batches, tokenize in map_batches tasks; the driver keeps only
+  2 MiB parts (CSV: parts of whole records), check in map_batches, tokenize in map_batches tasks; the driver keeps only
   counts and histograms) on a local Ray of 1 CPU and of 2 CPUs; the worker streams its shard.
 Measured: rows/s of the preparation through the tokenization of every row (Ray Data tokenizes the training rows
 beyond `jobs.ray_data.STATS_ROWS` as they are read: here the driver reads them all), in a run of its own; the
@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.csv
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +129,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--one-cpu-up-to", type=int, default=10**9, help="skip the 1-CPU runs above this many rows")
     parser.add_argument("--loaders", nargs="+", choices=["driver", "ray_data"], default=["driver", "ray_data"])
-    parser.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl", help="the generated file's format")
+    parser.add_argument("--format", choices=["jsonl", "parquet", "csv"], default="jsonl", help="the generated file's format")
     parser.add_argument("--row-group-rows", type=int, default=10_000, help="Parquet: rows per row group")
     args = parser.parse_args()
     paths = {name: script for key, name, script in (("driver", "driver", DRIVER), ("ray_data", "Ray Data", RAY_DATA))
@@ -140,6 +141,8 @@ def main() -> None:
             path = Path(tmp) / f"rows-{n}.{args.format}"
             if args.format == "parquet":
                 pq.write_table(pa.Table.from_pylist(demo_rows(n, seed=0)), path, row_group_size=args.row_group_rows)
+            elif args.format == "csv":
+                pa.csv.write_csv(pa.Table.from_pylist(demo_rows(n, seed=0)), path)
             else:
                 with path.open("w") as handle:
                     for row in demo_rows(n, seed=0):

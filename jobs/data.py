@@ -19,6 +19,7 @@ import numpy as np
 
 from jobs import conversations
 from jobs.config import DataConfig
+from jobs.csv_parts import text_records
 from jobs.demo_data import demo_conversations, demo_rows
 
 if TYPE_CHECKING:  # the model stack (torch, peft) is not needed to read and check data
@@ -137,6 +138,10 @@ def parse_jsonl(lines, first_row: int = 1) -> RawData:
     return data
 
 
+def _read_csv(path: Path) -> RawData:
+    return RawData(rows=list(enumerate(text_records(path), start=1)))
+
+
 def _read_squad(path: Path) -> RawData:
     return parse_squad(path.read_bytes(), str(path))
 
@@ -221,7 +226,7 @@ def read_raw(cfg: DataConfig, fmt: str) -> RawData:
         raise DataError(f"data.path = {cfg.path!r}: file not found")
     if fmt != "hf" and path.stat().st_size == 0:
         raise DataError(f"data.path = {cfg.path!r}: the file is empty")
-    readers = {"jsonl": _read_jsonl, "squad": _read_squad}
+    readers = {"jsonl": _read_jsonl, "csv": _read_csv, "squad": _read_squad}
     try:
         return readers[fmt](path) if fmt in readers else _read_table(fmt, cfg)
     except DataError:

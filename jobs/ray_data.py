@@ -37,6 +37,7 @@ from ray.data.expressions import col
 
 from jobs import cluster
 from jobs.config import DataConfig, RunConfig
+from jobs.csv_parts import record_parts, text_records
 from jobs.data import (
     DEMOS,
     MAX_LISTED_BAD_ROWS,
@@ -140,8 +141,8 @@ def folder_format(cfg: DataConfig) -> str:
 
 
 def read_file(uri: str, fmt: str) -> RawData:
-    """A whole CSV, SQuAD or JSON file's rows, numbered from 1 as in the driver path (CSV: data rows, header not
-    counted). JSONL and Parquet files are read in parts instead (`read_part`, `read_row_groups`)."""
+    """A whole SQuAD or JSON file's rows, numbered from 1 as in the driver path. JSONL, CSV and Parquet files are read
+    in parts instead (`read_part`, `read_csv_part`, `read_row_groups`)."""
     fs, path = pafs.FileSystem.from_uri(uri)
     with fs.open_input_file(path) as handle:
         content = handle.read()
@@ -149,16 +150,7 @@ def read_file(uri: str, fmt: str) -> RawData:
         raise DataError(f"{uri}: the file is empty")
     if fmt == "squad":
         return parse_squad(content, uri)
-    if fmt == "json":
-        return RawData(rows=list(enumerate(json.loads(content), start=1)))
-    return RawData(rows=list(enumerate(_csv_records(io.BytesIO(content)), start=1)))
-
-
-def _csv_records(source: Any, rows: int | None = None) -> list[dict[str, Any]]:
-    import pandas  # what `datasets` reads CSV with; empty cells become None, as there
-
-    frame = pandas.read_csv(source, nrows=rows).astype(object)
-    return frame.where(frame.notna(), None).to_dict("records")
+    return RawData(rows=list(enumerate(json.loads(content), start=1)))
 
 
 def _file_parts(files: dict[str, int], fmt: str) -> list[dict[str, Any]]:
@@ -171,9 +163,16 @@ def _file_parts(files: dict[str, int], fmt: str) -> list[dict[str, Any]]:
         if empty := [f for f, found in zip(files, groups, strict=True) if found is None]:
             raise DataError("\n".join(f"{f}: the file is empty" for f in empty))
         return row_group_parts(list(files), groups, _part_bytes(sum(size for found in groups for _, size in found)))
-    if fmt != "jsonl":  # CSV: a quoted cell may hold a newline, so a byte range cannot tell where a row starts
-        return [{"file": f} for f in files]
     part_bytes = _part_bytes(sum(files.values()))
+    if fmt == "csv":  # a quoted cell may hold a line end: one pass over each file finds where its records start
+        found = ray.get([_csv_parts.remote(uri, part_bytes) for uri in files])
+        return [
+            {"file": uri, "header": header, **part}
+            for uri, (header, parts) in zip(files, found, strict=True)
+            for part in parts
+        ]
+    if fmt != "jsonl":
+        return [{"file": f} for f in files]
     parts = [part for uri, size in files.items() for part in byte_ranges(uri, size, part_bytes)]
     # A second read of the bytes, but a cheap one: counting newlines is far faster than parsing JSON.
     counts = ray.get([_newlines.remote(p["file"], p["start"], p["end"]) for p in parts])
@@ -201,6 +200,38 @@ def count_newlines(uri: str, start: int, end: int) -> int:
 
 
 _newlines = ray.remote(count_newlines)
+
+
+def csv_parts(uri: str, part_bytes: int) -> tuple[tuple[int, int] | None, list[dict[str, int]]]:
+    fs, path = pafs.FileSystem.from_uri(uri)
+    with fs.open_input_stream(path) as stream:
+        return record_parts(stream, part_bytes)
+
+
+_csv_parts = ray.remote(csv_parts)
+
+
+def read_csv_part(part: dict[str, Any]) -> RawData:
+    """A CSV part's rows (whole records, the file's header line in front), numbered from its first row."""
+    import pandas
+
+    fs, path = pafs.FileSystem.from_uri(part["file"])
+    with fs.open_input_file(path) as handle:
+        body = handle.read_at(part["end"] - part["start"], part["start"])
+        start, end = part["header"] or (0, 0)
+        head = b"" if part["start"] == 0 else handle.read_at(end - start, start)
+    first, last = part["first_row"], part["first_row"] + part["rows"] - 1
+    try:
+        rows = text_records(io.BytesIO(head + body))
+    except pandas.errors.ParserError as exc:
+        raise DataError(f"{part['file']}: rows {first} to {last} are not valid CSV: {exc}") from exc
+    # Where the scan in jobs.csv_parts and pandas count a part's rows differently: an error, not misnumbered rows.
+    if len(rows) != part["rows"]:
+        raise DataError(
+            f"{part['file']}: pandas reads {len(rows)} row(s) from rows {first} to {last} where {part['rows']} were "
+            "counted; convert the file to JSONL or Parquet"
+        )
+    return RawData(rows=list(enumerate(rows, start=first)))
 
 
 def row_groups(uri: str) -> list[tuple[int, int]] | None:
@@ -276,6 +307,8 @@ def _file_rows(part: dict[str, Any], fmt: str, name_of: dict[str, str]) -> list[
         raw = parse_jsonl(io.BytesIO(content), first_row=first)
     elif fmt == "parquet":
         raw = read_row_groups(part)
+    elif fmt == "csv":
+        raw = read_csv_part(part)
     else:
         raw = read_file(part["file"], fmt)
     name = name_of[part["file"]]
@@ -403,11 +436,20 @@ def _sample(uri: str, fmt: str) -> RawData:
             head = io.BufferedReader(stream)
             if not head.peek(1):
                 raise DataError(f"{uri}: the file is empty")
-            return RawData(rows=list(enumerate(_csv_records(head, SAMPLE_ROWS), start=1)))
+            return RawData(rows=list(enumerate(_sample_csv(head, uri), start=1)))
         lines = list(itertools.islice(io.BufferedReader(stream), SAMPLE_ROWS))
     if not lines:
         raise DataError(f"{uri}: the file is empty")
     return parse_jsonl(lines)
+
+
+def _sample_csv(head: io.BufferedReader, uri: str) -> list[dict[str, Any]]:
+    import pandas
+
+    try:
+        return text_records(head, SAMPLE_ROWS)
+    except pandas.errors.ParserError as exc:
+        raise DataError(f"{uri}: not valid CSV: {exc}") from exc
 
 
 def _read_on_driver(cfg: DataConfig, fmt: str) -> tuple[ray.data.Dataset, RawData]:
@@ -445,7 +487,13 @@ def _checked(cfg: DataConfig) -> tuple[ray.data.Dataset, str, str, bool]:
     layout = resolve_layout(cfg, fmt, columns)
     to_examples(sample, cfg, fmt, layout, columns)  # absent template columns: one error now, not one per row
     checked = rows.map_batches(_check_batch, fn_kwargs={"cfg": cfg, "fmt": fmt, "layout": layout, "columns": columns})
-    return _materialized(checked), fmt, layout, single_file
+    checked.context.raise_original_map_exception = True  # a task's DataError, not a UserCodeException that drops it
+    try:
+        return _materialized(checked), fmt, layout, single_file
+    except ray.exceptions.RayTaskError as exc:  # a file a task could not read: its DataError, without Ray's wrapper
+        if isinstance(exc.cause, DataError):
+            raise exc.cause from None
+        raise
 
 
 def _bad_rows(checked: ray.data.Dataset, single_file: bool) -> tuple[list[BadRow], int, int]:

@@ -16,7 +16,7 @@ LAYERS = {
     "jobs.cli": ENTRY, "jobs.submit": ENTRY, "jobs.pipeline": ENTRY,
     "jobs.train": STAGE, "jobs.evaluation": STAGE, "jobs.export": STAGE, "tune": STAGE, "serve": STAGE,
     "jobs.tracking": SERVICE, "jobs.model": SERVICE, "jobs.prompting": SERVICE, "jobs.conversations": SERVICE, "jobs.data": SERVICE, "jobs.ray_data": SERVICE, "jobs.demo_data": SERVICE, "jobs.generate": SERVICE,
-    "jobs.storage": SERVICE, "jobs.report": SERVICE, "jobs.cluster": SERVICE, "jobs.packaged": SERVICE,
+    "jobs.storage": SERVICE, "jobs.csv_parts": SERVICE, "jobs.report": SERVICE, "jobs.cluster": SERVICE, "jobs.packaged": SERVICE,
     "jobs.config": GROUND, "jobs.adapter": GROUND, "jobs.metrics": GROUND,
 }
 # Besides the direction: Serve runs without the sweep's or the training job's code.

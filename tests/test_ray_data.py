@@ -2,6 +2,8 @@
 as the driver path, for files, folders and s3:// prefixes; training streams each worker's shard, and
 the evaluation stage reads the same held-out rows the training held out."""
 
+import csv
+import io
 import json
 from collections import Counter
 
@@ -221,6 +223,46 @@ def test_a_parquet_file_in_many_row_groups_gives_the_drivers_tokens_report_and_b
     assert _token_rows(streamed.train) == _token_rows(driver.train)
     assert streamed.report["bad_row_details"] == ["row 7: output: missing or empty", "row 260: output: missing or empty"]
     assert {k: v for k, v in streamed.report.items() if k != "loader"} == driver.report
+
+
+def _csv_text(rows: list[dict], blank_every: int) -> str:
+    """Records that end in \r\n, with a blank line and a whitespace-only one every `blank_every` records."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\r\n")
+    writer.writeheader()
+    for i, row in enumerate(rows, start=1):
+        writer.writerow(row)
+        out.write("\r\n  \r\n" if i % blank_every == 0 else "")
+    return out.getvalue()
+
+
+def test_a_csv_file_in_many_parts_gives_the_drivers_rows_tokens_report_and_bad_row_numbers(local_ray, tiny_causal, tmp_path, monkeypatch):
+    """Quoted cells across line ends, \r\n line ends and blank lines, cut into parts of some 3 kB: the driver path's
+    tokens and report, bad rows by their numbers in the file, and cells as written ("007" and "3.10" stay text)."""
+    monkeypatch.setattr(ray_data, "PART_BYTES", 3000)
+    rows = demo_rows(300, seed=4)
+    for row in rows[::7]:
+        row["input"] += '\n"quoted", on a second line'
+    rows[3]["output"], rows[4]["output"], rows[6]["output"], rows[259]["output"] = "007", "3.10", "", " "
+    path = tmp_path / "rows.csv"
+    path.write_text(_csv_text(rows, blank_every=40))
+    run = _run(tiny_causal, path, "data.bad_rows=skip", "data.validation_fraction=0")
+    streamed = ray_data.prepare(run, _prompting(run))
+    driver = prepare(run.data, _prompting(run))
+
+    assert len(ray_data._file_parts(ray_data.source_files(run.data, "csv"), "csv")) > 3
+    assert _token_rows(streamed.train) == _token_rows(driver.train)
+    assert streamed.report["bad_row_details"] == ["row 7: output: missing or empty", "row 260: output: missing or empty"]
+    assert {k: v for k, v in streamed.report.items() if k != "loader"} == driver.report
+    assert [e["target"] for e in load_examples(run.data)[0][3:5]] == ["007", "3.10"]
+
+    path.write_text('question,answer\nq1,a1\nq2,"never closed\nq3,a3\n')  # seen in the driver's first rows
+    with pytest.raises(DataError, match=r"rows\.csv: not valid CSV: .*EOF inside string"):
+        ray_data.prepare(run, _prompting(run))
+    padded = [{"input": f"q{i} " + "x" * 200, "output": f"a{i}"} for i in range(2000)]
+    path.write_text(_csv_text(padded, blank_every=500) + 'q,"never closed\n')  # beyond what pandas reads for them
+    with pytest.raises(DataError, match=r"rows\.csv: rows \d+ to 2001 are not valid CSV: .*EOF inside string"):
+        ray_data.prepare(run, _prompting(run))
 
 
 def test_an_s3_prefix_of_jsonl_parts_is_read_on_the_cluster(local_ray, s3, tiny_causal, monkeypatch):

@@ -17,6 +17,7 @@ import pytest
 
 from jobs import ray_data
 from jobs.config import ConfigError, DataConfig, load_config
+from jobs.csv_parts import text_records
 from jobs.data import RawData, _length_stats, columns_of, parse_jsonl, resolve_layout
 from jobs.demo_data import demo_rows
 from jobs.model import load_tokenizer
@@ -118,12 +119,16 @@ def test_the_driver_reads_only_the_first_rows_of_a_csv_or_parquet_file(tmp_path,
         pa.csv.write_csv(pa.Table.from_pylist(rows), path)
     else:
         _parquet_in_row_groups(path, rows, ray_data.SAMPLE_ROWS // 2)
-    whole = ray_data.read_file(str(path), fmt).rows if fmt == "csv" else list(enumerate(pq.read_table(path).to_pylist(), start=1))
+    whole = list(enumerate(text_records(path) if fmt == "csv" else pq.read_table(path).to_pylist(), start=1))
 
     def whole_file(*args):
         raise AssertionError("the driver read the whole file")
 
-    monkeypatch.setattr(ray_data, "read_file", whole_file)
+    def first_rows(source, rows=None):
+        assert rows == ray_data.SAMPLE_ROWS, "the driver read the whole file"
+        return text_records(source, rows)
+
+    monkeypatch.setattr(ray_data, "text_records", first_rows)
     monkeypatch.setattr(pq, "read_table", whole_file)
     assert ray_data._sample(str(path), fmt).rows == whole[: ray_data.SAMPLE_ROWS]
 
