@@ -86,7 +86,6 @@ class _Scan:
             self.header = self.header or (self.record_start, size)
         if size > self.part_start or not self.parts:
             self._cut(size)
-        self.parts[-1]["rows_after"] = self.records - 1 if self.header else 0
 
 
 def record_parts(stream: BinaryIO, part_bytes: int) -> tuple[tuple[int, int] | None, list[dict[str, int]]]:
@@ -100,8 +99,8 @@ def record_parts(stream: BinaryIO, part_bytes: int) -> tuple[tuple[int, int] | N
     if held:
         scan.walk(held, base, 1)
     scan.finish(base + len(held))
-    ends = [p["first_row"] for p in scan.parts[1:]] + [scan.parts[-1].pop("rows_after") + 1]
-    for part, next_first in zip(scan.parts, ends, strict=True):
+    rows = scan.records - 1 if scan.header else 0  # the data rows: all records but the header
+    for part, next_first in zip(scan.parts, [p["first_row"] for p in scan.parts[1:]] + [rows + 1], strict=True):
         part["rows"] = next_first - part["first_row"]
     return scan.header, scan.parts
 

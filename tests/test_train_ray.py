@@ -1,8 +1,12 @@
 """Ray integration tier: the training job on a local Ray with tiny models."""
 
 import json
+import os
+import socket
+import tempfile
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 import torch
@@ -12,7 +16,7 @@ from jobs.config import load_config
 from jobs.data import DataError, prepare
 from jobs.model import load_adapter, load_base
 from jobs.prompting import Prompting
-from jobs.train import train
+from jobs.train import WORKDIR_PREFIX, train, worker_workdir
 
 pytestmark = pytest.mark.ray
 CPU = torch.device("cpu")
@@ -103,6 +107,25 @@ def test_worker_killed_mid_run_resumes_from_latest_checkpoint(local_ray, tiny_ca
     assert resumed["resumed_from_steps"] == [4] and reference["resumed_from_steps"] == []
     assert "| Resumed after a failure from step | 4 |" in (tmp_path / "resumed" / "report.md").read_text()
     assert resumed["final_eval_loss"] == pytest.approx(reference["final_eval_loss"], rel=1e-3)
+    assert not _dead_workers_folders(), "the killed worker's folder is removed by the workers that came after it"
+
+
+def _dead_workers_folders() -> list[Path]:
+    mine = f"{WORKDIR_PREFIX}{socket.gethostname()}-"
+    folders = Path(tempfile.gettempdir()).glob(f"{mine}*-*")
+    return [f for f in folders if not psutil.pid_exists(int(f.name.removeprefix(mine).split("-")[0]))]
+
+
+def test_a_worker_removes_its_hosts_folders_of_dead_workers_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    mine = f"{WORKDIR_PREFIX}{socket.gethostname()}-"
+    dead, living = tmp_path / f"{mine}{2**31 - 1}-a", tmp_path / f"{mine}{os.getpid()}-b"
+    elsewhere = tmp_path / f"{WORKDIR_PREFIX}another-host-{2**31 - 1}-c"  # another container's process-id space
+    for folder in (dead, living, elsewhere):
+        (folder / "hf" / "checkpoint-4").mkdir(parents=True)
+    made = worker_workdir()
+    assert not dead.exists() and living.exists() and elsewhere.exists() and made.is_dir()
+    assert made.name.startswith(f"{mine}{os.getpid()}-") and _dead_workers_folders() == []
 
 
 def test_deepspeed_zero2_with_4bit_on_two_workers(local_ray, tiny_causal, tmp_path):

@@ -15,12 +15,14 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 import ray.train
 import ray.train.torch
@@ -297,6 +299,22 @@ def _worker_data(config: dict[str, Any], run: RunConfig, prompting: Prompting):
     return streamed_batches("train", run, prompting, shuffle=True), evaluation, config["eval_examples"]
 
 
+WORKDIR_PREFIX = "lorafleet-worker-"
+
+
+def worker_workdir() -> Path:
+    """A fresh folder for this worker's Trainer (its checkpoints), named with the host and the worker's process id.
+    A worker that was killed ran no `finally` and left its folder: this host's folders of processes no longer alive
+    are removed first, so that a node that sees workers fail does not fill its disk with their checkpoints (the host
+    in the name: a temp folder shared by containers holds other process-id spaces' folders too)."""
+    mine = f"{WORKDIR_PREFIX}{socket.gethostname()}-"
+    for stale in Path(tempfile.gettempdir()).glob(f"{mine}*-*"):
+        pid = stale.name.removeprefix(mine).split("-")[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{mine}{os.getpid()}-"))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: one model replica, DDP across workers."""
     run = RunConfig.model_validate(config["run"])
@@ -304,7 +322,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     prompting = Prompting(load_tokenizer(run.model), config["kind"], config["use_chat"])
     train_set, eval_set, eval_examples = _worker_data(config, run, prompting)
     model = load_for_training(run, device, prompting.kind)
-    workdir = Path(tempfile.mkdtemp(prefix="lorafleet-worker-"))
+    workdir = worker_workdir()
     resume_dir = _local_resume_dir(workdir)
     resumed = resume_dir is not None
     # One tracked run per job: only rank 0 writes to it.
