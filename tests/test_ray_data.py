@@ -209,20 +209,24 @@ def test_a_folder_of_parquet_files_names_the_file_of_a_bad_row(local_ray, tiny_c
     assert streamed.report["bad_row_details"] == ["part-1.parquet row 11: output: missing or empty"]
 
 
+def _assert_many_parts_read_as_on_the_driver(run) -> None:
+    """Rows 7 and 260 bad (the data of the two tests below), the file in more than 3 parts."""
+    fmt = run.data.path.rsplit(".", 1)[-1]
+    streamed = ray_data.prepare(run, _prompting(run))
+    driver = prepare(run.data, _prompting(run))
+    assert len(ray_data._file_parts(ray_data.source_files(run.data, fmt), fmt)) > 3
+    assert _token_rows(streamed.train) == _token_rows(driver.train)
+    assert streamed.report["bad_row_details"] == ["row 7: output: missing or empty", "row 260: output: missing or empty"]
+    assert {k: v for k, v in streamed.report.items() if k != "loader"} == driver.report
+
+
 def test_a_parquet_file_in_many_row_groups_gives_the_drivers_tokens_report_and_bad_row_numbers(local_ray, tiny_causal, tmp_path, monkeypatch):
     monkeypatch.setattr(ray_data, "PART_BYTES", 3000)  # parts of a few row groups: row numbers still the file's
     rows = demo_rows(300, seed=8)
     rows[6]["output"], rows[259]["output"] = "", " "
     path = tmp_path / "rows.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=20)
-    run = _run(tiny_causal, path, "data.bad_rows=skip", "data.validation_fraction=0")
-    streamed = ray_data.prepare(run, _prompting(run))
-    driver = prepare(run.data, _prompting(run))
-
-    assert len(ray_data._file_parts(ray_data.source_files(run.data, "parquet"), "parquet")) > 3
-    assert _token_rows(streamed.train) == _token_rows(driver.train)
-    assert streamed.report["bad_row_details"] == ["row 7: output: missing or empty", "row 260: output: missing or empty"]
-    assert {k: v for k, v in streamed.report.items() if k != "loader"} == driver.report
+    _assert_many_parts_read_as_on_the_driver(_run(tiny_causal, path, "data.bad_rows=skip", "data.validation_fraction=0"))
 
 
 def _csv_text(rows: list[dict], blank_every: int) -> str:
@@ -247,13 +251,7 @@ def test_a_csv_file_in_many_parts_gives_the_drivers_rows_tokens_report_and_bad_r
     path = tmp_path / "rows.csv"
     path.write_text(_csv_text(rows, blank_every=40))
     run = _run(tiny_causal, path, "data.bad_rows=skip", "data.validation_fraction=0")
-    streamed = ray_data.prepare(run, _prompting(run))
-    driver = prepare(run.data, _prompting(run))
-
-    assert len(ray_data._file_parts(ray_data.source_files(run.data, "csv"), "csv")) > 3
-    assert _token_rows(streamed.train) == _token_rows(driver.train)
-    assert streamed.report["bad_row_details"] == ["row 7: output: missing or empty", "row 260: output: missing or empty"]
-    assert {k: v for k, v in streamed.report.items() if k != "loader"} == driver.report
+    _assert_many_parts_read_as_on_the_driver(run)
     assert [e["target"] for e in load_examples(run.data)[0][3:5]] == ["007", "3.10"]
 
     path.write_text('question,answer\nq1,a1\nq2,"never closed\nq3,a3\n')  # seen in the driver's first rows
