@@ -211,20 +211,25 @@ def csv_parts(uri: str, part_bytes: int) -> tuple[tuple[int, int] | None, list[d
 _csv_parts = ray.remote(csv_parts)
 
 
-def read_csv_part(part: dict[str, Any]) -> RawData:
-    """A CSV part's rows (whole records, the file's header line in front), numbered from its first row."""
+def _csv_rows(source: Any, where: str, rows: int | None = None) -> list[dict[str, Any]]:
+    """`text_records`, a parse error as a DataError that starts with `where` (the file, and the rows if a part)."""
     import pandas
 
+    try:
+        return text_records(source, rows)
+    except pandas.errors.ParserError as exc:
+        raise DataError(f"{where}not valid CSV: {exc}") from exc
+
+
+def read_csv_part(part: dict[str, Any]) -> RawData:
+    """A CSV part's rows (whole records, the file's header line in front), numbered from its first row."""
     fs, path = pafs.FileSystem.from_uri(part["file"])
     with fs.open_input_file(path) as handle:
         body = handle.read_at(part["end"] - part["start"], part["start"])
         start, end = part["header"] or (0, 0)
         head = b"" if part["start"] == 0 else handle.read_at(end - start, start)
     first, last = part["first_row"], part["first_row"] + part["rows"] - 1
-    try:
-        rows = text_records(io.BytesIO(head + body))
-    except pandas.errors.ParserError as exc:
-        raise DataError(f"{part['file']}: rows {first} to {last} are not valid CSV: {exc}") from exc
+    rows = _csv_rows(io.BytesIO(head + body), f"{part['file']}: rows {first} to {last} are ")
     # Where the scan in jobs.csv_parts and pandas count a part's rows differently: an error, not misnumbered rows.
     if len(rows) != part["rows"]:
         raise DataError(
@@ -436,20 +441,11 @@ def _sample(uri: str, fmt: str) -> RawData:
             head = io.BufferedReader(stream)
             if not head.peek(1):
                 raise DataError(f"{uri}: the file is empty")
-            return RawData(rows=list(enumerate(_sample_csv(head, uri), start=1)))
+            return RawData(rows=list(enumerate(_csv_rows(head, f"{uri}: ", SAMPLE_ROWS), start=1)))
         lines = list(itertools.islice(io.BufferedReader(stream), SAMPLE_ROWS))
     if not lines:
         raise DataError(f"{uri}: the file is empty")
     return parse_jsonl(lines)
-
-
-def _sample_csv(head: io.BufferedReader, uri: str) -> list[dict[str, Any]]:
-    import pandas
-
-    try:
-        return text_records(head, SAMPLE_ROWS)
-    except pandas.errors.ParserError as exc:
-        raise DataError(f"{uri}: not valid CSV: {exc}") from exc
 
 
 def _read_on_driver(cfg: DataConfig, fmt: str) -> tuple[ray.data.Dataset, RawData]:
