@@ -112,8 +112,8 @@ def test_worker_killed_mid_run_resumes_from_latest_checkpoint(local_ray, tiny_ca
 
 def _dead_workers_folders() -> list[Path]:
     mine = f"{WORKDIR_PREFIX}{socket.gethostname()}-"
-    folders = Path(tempfile.gettempdir()).glob(f"{mine}*-*")
-    return [f for f in folders if not psutil.pid_exists(int(f.name.removeprefix(mine).split("-")[0]))]
+    names = [f.name.removeprefix(mine).split("-") for f in Path(tempfile.gettempdir()).glob(f"{mine}*-*")]
+    return [name for name in names if len(name) == 2 and not psutil.pid_exists(int(name[0]))]  # <pid>-<suffix>
 
 
 def test_a_worker_removes_its_hosts_folders_of_dead_workers_only(tmp_path, monkeypatch):
@@ -121,10 +121,12 @@ def test_a_worker_removes_its_hosts_folders_of_dead_workers_only(tmp_path, monke
     mine = f"{WORKDIR_PREFIX}{socket.gethostname()}-"
     dead, living = tmp_path / f"{mine}{2**31 - 1}-a", tmp_path / f"{mine}{os.getpid()}-b"
     elsewhere = tmp_path / f"{WORKDIR_PREFIX}another-host-{2**31 - 1}-c"  # another container's process-id space
-    for folder in (dead, living, elsewhere):
+    # A host named `<this host>-2147483647` (a dead pid here), its worker's folder: not this host's to remove.
+    longer = tmp_path / f"{mine}{2**31 - 1}-{os.getpid()}-d"
+    for folder in (dead, living, elsewhere, longer):
         (folder / "hf" / "checkpoint-4").mkdir(parents=True)
     made = worker_workdir()
-    assert not dead.exists() and living.exists() and elsewhere.exists() and made.is_dir()
+    assert not dead.exists() and living.exists() and elsewhere.exists() and longer.exists() and made.is_dir()
     assert made.name.startswith(f"{mine}{os.getpid()}-") and _dead_workers_folders() == []
 
 

@@ -309,8 +309,9 @@ def worker_workdir() -> Path:
     in the name: a temp folder shared by containers holds other process-id spaces' folders too)."""
     mine = f"{WORKDIR_PREFIX}{socket.gethostname()}-"
     for stale in Path(tempfile.gettempdir()).glob(f"{mine}*-*"):
-        pid = stale.name.removeprefix(mine).split("-")[0]
-        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+        # `<pid>-<mkdtemp's suffix>`, which has no dash: a host named `<this host>-5` has more dashes, and is skipped.
+        pid, _, suffix = stale.name.removeprefix(mine).partition("-")
+        if pid.isdigit() and "-" not in suffix and not psutil.pid_exists(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{mine}{os.getpid()}-"))
 
