@@ -30,12 +30,13 @@ def compare(config: str, adapter: Path) -> tuple[int, dict[str, dict]]:
     import torch
 
     from jobs.config import load_config
-    from jobs.evaluation import eval_examples, evaluate_model
+    from jobs.data import held_out_examples
+    from jobs.evaluation import evaluate_model
     from jobs.model import attach_adapter, load_base
     from jobs.prompting import Prompting
 
     run = load_config(config, [])
-    examples = eval_examples(run)
+    examples = held_out_examples(run)
     prompting = Prompting.load(run.model)
     model = load_base(run, torch.device("cpu"), prompting.kind)
     rows = {"base": evaluate_model("base", model, prompting, examples, run).metrics}

@@ -4,13 +4,13 @@
 
 For each size, generated demo rows (JSONL, CSV, or Parquet in row groups of --row-group-rows) with SmolLM2's tokenizer and chat template, each in a
 fresh process pinned with taskset:
-- driver (`data.loader: driver`): `jobs.data.prepare` (read, check, split, tokenize in the driver) on
+- driver (`data.loader: driver`): `jobs.data.driver.prepare` (read, check, split, tokenize in the driver) on
   1 CPU and on 2 CPUs, then `ray.put` of the tokenized data for the workers;
-- Ray Data (`data.loader: ray_data`): `jobs.ray_data.prepare` (read in Ray tasks, the JSONL file in
+- Ray Data (`data.loader: ray_data`): `jobs.data.ray_data.prepare` (read in Ray tasks, the JSONL file in
   2 MiB parts (CSV: parts of whole records), check in map_batches, tokenize in map_batches tasks; the driver keeps only
   counts and histograms) on a local Ray of 1 CPU and of 2 CPUs; the worker streams its shard.
 Measured: rows/s of the preparation through the tokenization of every row (Ray Data tokenizes the training rows
-beyond `jobs.ray_data.STATS_ROWS` as they are read: here the driver reads them all), in a run of its own; in the same
+beyond `jobs.data.ray_data.prepare.STATS_ROWS` as they are read: here the driver reads them all), in a run of its own; in the same
 run, Ray Data's tokenization alone: the rows beyond STATS_ROWS per second of that stream, its tokenizer tasks already
 warm (the driver path tokenizes inside its preparation, on the driver's one core); the driver's peak RSS and the time
 from the start to the first collated batch in a Ray Train worker (loading the model, the same for both, is left out),
@@ -41,7 +41,7 @@ import json, resource, sys, time
 started = time.time()
 import ray, ray.train, ray.train.torch
 from jobs.config import load_config
-from jobs.data import prepare
+from jobs.data.driver import prepare
 from jobs.model import load_tokenizer
 from jobs.prompting import Prompting
 from jobs.train import collator
@@ -80,8 +80,8 @@ RAY_DATA = """
 import json, resource, sys, time
 started = time.time()
 import ray, ray.train, ray.train.torch
-from jobs import ray_data
 from jobs.config import load_config
+from jobs.data.ray_data.prepare import prepare
 from jobs.model import load_tokenizer
 from jobs.prompting import Prompting
 from jobs.train import streamed_batches
@@ -90,7 +90,7 @@ run = load_config("configs/demo.yaml", [f"data.path={sys.argv[1]}", "data.valida
 prompting = Prompting.load(run.model)
 ray.init(num_cpus=int(sys.argv[4]), include_dashboard=False)
 t0 = time.time()
-data = ray_data.prepare(run, prompting)
+data = prepare(run, prompting)
 prepare_s = time.time() - t0
 rows = data.train_rows + data.report["validation"]["rows"]
 if sys.argv[2] == "prepare-only":  # through the tokenization of every row: the rows beyond STATS_ROWS stream

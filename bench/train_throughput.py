@@ -73,7 +73,7 @@ import json, sys, torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer
 from jobs.config import load_config
-from jobs.data import prepare
+from jobs.data.driver import prepare
 from jobs.packaged import packaged_model_path
 from jobs.prompting import Prompting
 from jobs.train import training_arguments

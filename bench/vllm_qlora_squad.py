@@ -66,10 +66,11 @@ def main() -> None:
     import ray
 
     from jobs.config import load_config
-    from jobs.evaluation import eval_examples, run_eval
+    from jobs.data import held_out_examples
+    from jobs.evaluation import run_eval
 
     run = load_config(args.config, [])
-    examples = eval_examples(run)
+    examples = held_out_examples(run)
     trained = run_eval(run, args.adapter.resolve(), with_base=False, output_dir=Path(tempfile.mkdtemp()))
     reference = [g.text or "" for g in trained.results["adapter"].generations]
     rows = {"lorafleet eval (4-bit NF4 base, as trained)": reference}

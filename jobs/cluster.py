@@ -85,7 +85,7 @@ def train_run_config(
     run: RunConfig, has_eval: bool, placement: RunPlacement, passed: tuple[str, ...] = ()
 ) -> ray.train.RunConfig:
     """Ray Train's run config: name, storage, failure handling, checkpoints kept, the workers' environment."""
-    import ray.train  # here: Ray Data's tasks import this module and need no Ray Train (0.3 s a worker process)
+    import ray.train  # here: Ray Data's tasks import this module and need no Ray Train's start-up cost
 
     name = placement.name or f"{run.ray.name or Path(run.training.output_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return ray.train.RunConfig(

@@ -18,8 +18,8 @@ class Prompting:
 
     @classmethod
     def load(cls, cfg: ModelConfig) -> Prompting:
-        # Imported here: a Prompting unpickled in a Ray Data tokenizer actor then needs only the tokenizer's own
-        # module, not torch and the model code (some 13 s of imports per actor on one core here).
+        # Imported here: a Prompting unpickled in a Ray Data tokenizer task then needs only the tokenizer's own
+        # module, not torch and the model code, whose imports cost more than the task's work.
         from jobs.model import load_tokenizer, model_kind, uses_chat_template
 
         tokenizer = load_tokenizer(cfg)

@@ -30,6 +30,7 @@ from jobs.prompting import Prompting
 from serve import adapters, protocol
 from serve import metrics as gateway_metrics
 from serve.adapters import AdapterLoadError
+from serve.contract import EngineReplica
 from serve.generation import GenRequest, Rejected
 
 log = logging.getLogger("ray.serve")
@@ -103,7 +104,9 @@ def context_length(run: RunConfig, tokenizer) -> int:
 @serve.deployment
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, engine: DeploymentHandle, run: dict, engine_name: str, api_key: str | None = None):
+    def __init__(
+        self, engine: DeploymentHandle[EngineReplica], run: dict, engine_name: str, api_key: str | None = None
+    ):
         run = RunConfig.model_validate(run)
         self.engine, self.cfg = engine, run.serve
         self.metrics = gateway_metrics.start(engine_name)
@@ -239,16 +242,16 @@ class Gateway:
         max_tokens = self._limits(body, len(prompt_ids))
         gen = asdict(
             GenRequest(
-                prompt_ids,
-                max_tokens,
-                adapter,
-                body.temperature,
-                body.top_p,
-                body.stop or [],
-                body.seed,
-                body.n,
-                body.top_logprobs_wanted(),
-                body.structured(),
+                prompt_ids=prompt_ids,
+                max_tokens=max_tokens,
+                adapter=adapter,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                stop=body.stop or [],
+                seed=body.seed,
+                n=body.n,
+                logprobs=body.top_logprobs_wanted(),
+                response_format=body.structured(),
             )
         )
         await self._enter()

@@ -1,9 +1,9 @@
 """Which engine generates for a config (`serve.engine`) and why, decided before Ray starts.
 
 `auto` takes vLLM on GPU replicas for a causal model vLLM implements with an unquantized base.
-On CPU replicas it keeps HF `generate`: faster for a lone request and for a batch of one adapter
-(104 vs 55 tokens/s bare, one r=8 LoRA, on the 2-core machine), while vLLM serves more under load
-with many adapters (README, Engines, side by side). Only HF runs seq2seq models and 4-bit bases.
+On CPU replicas it keeps HF `generate`: faster for a lone request and for a batch of one adapter,
+while vLLM serves more under load with many adapters (README, Engines, side by side). Only HF runs
+seq2seq models and 4-bit bases.
 """
 
 from __future__ import annotations

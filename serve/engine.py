@@ -1,8 +1,8 @@
-"""The model replica: one base model, adapters multiplexed on top of it, batched generation.
+"""The HF model replica: one base model, adapters multiplexed on top of it, batched generation.
 
 - The base is loaded once per replica (quantized as `serve.quantization` says).
-- Adapters load on first use through `serve.multiplexed` (LRU, `max_adapters_per_replica`);
-  Serve routes a request for an adapter to a replica that already holds it.
+- Adapters load on first use through Serve's multiplexer (`serve.replica`: LRU,
+  `max_adapters_per_replica`); Serve routes a request for an adapter to a replica that holds it.
 - `serve.batch` gathers concurrent requests; one `generate` call serves every request with the
   same sampling settings, whatever their adapters: PEFT sends each row through its own adapter
   (`adapter_names`), so rows of different adapters never see each other's weights.
@@ -26,14 +26,13 @@ from ray import serve
 from jobs.config import RunConfig
 from jobs.model import load_base
 from jobs.prompting import Prompting
-from serve import adapters
+from serve import adapters, replica
 from serve.adapters import AdapterLoadError, check_fits
 from serve.generation import (
     Delta,
     GenRequest,
     LogprobCapture,
     Progress,
-    collect,
     eos_token_ids,
     generate_kwargs,
     merged,
@@ -51,18 +50,6 @@ def serving_run(run: RunConfig) -> RunConfig:
     return run.model_copy(update={"quantization": run.quantization.model_copy(update={"mode": run.serve.quantization})})
 
 
-class LoadedAdapter:
-    """What the multiplexer caches for an adapter; its eviction removes the adapter from the model."""
-
-    def __init__(self, engine: Engine, name: str):
-        self.engine, self.name, self.unloaded = engine, name, False
-
-    def __del__(self):  # called by Serve on LRU eviction (and by the GC later: once is enough)
-        if not self.unloaded:
-            self.unloaded = True
-            self.engine.detach(self.name)
-
-
 @serve.deployment
 class Engine:
     def __init__(self, run: dict):
@@ -77,11 +64,7 @@ class Engine:
         self.eos = eos_token_ids(self.model, self.prompting.tokenizer)
         self.grammars = Grammars(self.prompting.tokenizer, self.model.config.vocab_size)
         self.lock = threading.Lock()
-
-        async def load(name: str) -> LoadedAdapter:  # a plain function: Serve keeps its LRU cache on it
-            return await self._load(name)
-
-        self.adapter = serve.multiplexed(max_num_models_per_replica=run.serve.max_adapters_per_replica)(load)
+        self.adapter = replica.adapter_cache(self, run.serve.max_adapters_per_replica)
         self.generate_batch.set_max_batch_size(run.serve.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(run.serve.batch_wait_timeout_s)
         log.info(
@@ -92,10 +75,9 @@ class Engine:
             run.serve.max_batch_size,
         )
 
-    async def _load(self, name: str) -> LoadedAdapter:
+    async def load_adapter(self, name: str) -> None:
         folder = adapters.resolve(self.serve_cfg, name)
         await asyncio.to_thread(self.attach, name, folder)
-        return LoadedAdapter(self, name)
 
     def attach(self, name: str, folder: Path) -> None:
         with self.lock:
@@ -118,7 +100,7 @@ class Engine:
         self.model.eval()
         log.info("adapter %r loaded from %s", name, folder)
 
-    def detach(self, name: str) -> None:
+    def unload_adapter(self, name: str, lora: None) -> None:
         with self.lock:
             self._drop_locked(name)
 
@@ -143,9 +125,7 @@ class Engine:
                 delta.index = index
                 yield delta
 
-    async def complete(self, request: dict) -> dict:
-        """The whole answer at once (no per-token messages between replicas)."""
-        return await collect(self.stream(request))
+    complete = replica.complete
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)  # replaced from the config in __init__
     async def generate_batch(self, requests: list[GenRequest]) -> AsyncIterator[list]:

@@ -35,7 +35,7 @@ class Rejected(ValueError):
     """The engine refused a request the gateway let through (a 400 with the engine's reason)."""
 
 
-@dataclass
+@dataclass(kw_only=True)  # by name only: several fields share a type, so a wrong position would pass unnoticed
 class GenRequest:
     prompt_ids: list[int]
     max_tokens: int

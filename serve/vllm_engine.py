@@ -1,9 +1,9 @@
-"""The vLLM model replica: vLLM's async engine behind the two methods the gateway calls (`stream`,
-`complete`), so routes, checks, auth and adapters stay the gateway's.
+"""The vLLM model replica: vLLM's async engine behind the engine contract (`serve.contract`), so
+routes, checks, auth and adapters stay the gateway's.
 
 vLLM schedules every running request together (continuous batching, paged KV cache) and applies
 each request's own LoRA per token, so requests for different adapters share one running batch.
-Adapters are multiplexed as in the HF engine: `serve.multiplexed` keeps the replica's set (LRU,
+Adapters are multiplexed as in the HF engine (`serve.replica`): Serve keeps the replica's set (LRU,
 `max_adapters_per_replica`, which is also vLLM's `max_loras`) and routes a request to a replica
 that holds its adapter; an evicted adapter is removed from vLLM.
 
@@ -27,6 +27,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from ray import serve
@@ -37,9 +38,12 @@ from jobs.adapter import CONFIG, WEIGHTS, is_adapter_folder, vllm_problems
 from jobs.config import RunConfig
 from jobs.model import model_config, model_path
 from jobs.packaged import lorafleet_cache
-from serve import adapters
+from serve import adapters, replica
 from serve.adapters import AdapterLoadError, check_fits
-from serve.generation import Delta, GenRequest, Rejected, collect, logprob_entry
+from serve.generation import Delta, GenRequest, Rejected, logprob_entry
+
+if TYPE_CHECKING:
+    from vllm.lora.request import LoRARequest
 
 log = logging.getLogger("ray.serve")
 GIB = 1024**3
@@ -119,8 +123,8 @@ def zero_adapter(shape, cache: Path) -> Path:
 
     vLLM 0.32's CPU LoRA ops pick each row's adapter as `lora_b_weights[lora_indices_tensor]`
     (vllm/lora/ops/torch_ops/lora_ops.py), and a row without adapter has index -1: Python's last
-    slot, so a base request batched with adapter requests was answered by an adapter (measured:
-    tests/test_serve_ray.py, two adapters and the base at once). Through this adapter every row
+    slot, so a base request batched with adapter requests was answered by an adapter
+    (tests/test_serve_ray.py sends two adapters and the base at once). Through this adapter every row
     has a real slot, and the LoRA adds exactly zero. Written by hand: PEFT cannot save a model
     built on the meta device, and loading the base's weights for an all-zero file would waste memory.
 
@@ -160,18 +164,6 @@ def zero_adapter(shape, cache: Path) -> Path:
     return folder
 
 
-class LoadedLora:
-    """What the multiplexer caches for an adapter; its eviction removes the adapter from vLLM."""
-
-    def __init__(self, llm, request, loop: asyncio.AbstractEventLoop):
-        self.llm, self.request, self.loop, self.removed = llm, request, loop, False
-
-    def __del__(self):  # Serve calls it from a thread on LRU eviction; the GC may call it again later
-        if not self.removed:
-            self.removed = True
-            asyncio.run_coroutine_threadsafe(self.llm.remove_lora(self.request.lora_int_id), self.loop)
-
-
 @serve.deployment
 class VllmEngine:
     def __init__(self, run: dict):
@@ -180,9 +172,8 @@ class VllmEngine:
         run = RunConfig.model_validate(run)
         self.cfg = run.serve
         # Ray sets OMP_NUM_THREADS to the replica's CPUs, and vLLM then keeps that many torch threads in its engine
-        # loop, where they spin-wait between ops (its own default is one; compute threads are bound by
-        # VLLM_CPU_OMP_THREADS_BIND). A lone request ran 1.43x slower than bare vLLM with it (bench/serve_load.py's
-        # lone-request functions, one run).
+        # loop, where they spin-wait between ops and slow generation down (its own default is one; compute threads
+        # are bound by VLLM_CPU_OMP_THREADS_BIND).
         os.environ.pop("OMP_NUM_THREADS", None)
         self.llm = AsyncLLM.from_engine_args(engine_args(run))
         with torch.device("meta"):  # the base's shapes, without weights, to check that an adapter fits
@@ -194,14 +185,11 @@ class VllmEngine:
 
             folder = zero_adapter(self.shape, lorafleet_cache() / "zero-adapters")
             self.base_lora = LoRARequest("__base__", next(self.lora_ids), str(folder))
-
-        async def load(name: str) -> LoadedLora:  # a plain function: Serve keeps its LRU cache on it
-            return await self._load(name)
-
-        self.adapter = serve.multiplexed(max_num_models_per_replica=run.serve.max_adapters_per_replica)(load)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the replica's, known once an adapter loads
+        self.adapter = replica.adapter_cache(self, run.serve.max_adapters_per_replica)
         log.info("engine ready: vLLM %s, up to %d adapters", run.model.name, run.serve.max_adapters_per_replica)
 
-    async def _load(self, name: str) -> LoadedLora:
+    async def load_adapter(self, name: str) -> LoRARequest:
         from vllm.lora.request import LoRARequest
 
         folder: Path = await asyncio.to_thread(adapters.resolve, self.cfg, name)  # may fetch from s3://
@@ -217,7 +205,11 @@ class VllmEngine:
                 f"adapter {name!r} ({folder}) cannot be loaded by vLLM: {type(exc).__name__}: {exc}"
             ) from None
         log.info("adapter %r loaded from %s", name, folder)
-        return LoadedLora(self.llm, request, asyncio.get_running_loop())
+        self.loop = asyncio.get_running_loop()  # vLLM's client runs here; evictions come from other threads
+        return request
+
+    def unload_adapter(self, name: str, lora: LoRARequest) -> None:
+        asyncio.run_coroutine_threadsafe(self.llm.remove_lora(lora.lora_int_id), self.loop)
 
     async def stream(self, request: dict) -> AsyncIterator[Delta]:
         """New text of one request's choices as vLLM generates it; a choice's last Delta carries finish_reason."""
@@ -225,7 +217,7 @@ class VllmEngine:
         from vllm.inputs import TokensPrompt
 
         req = GenRequest(**request)
-        lora = (await self.adapter(req.adapter)).request if req.adapter else self.base_lora
+        lora = (await self.adapter(req.adapter)).lora if req.adapter else self.base_lora
         copies = req.n if req.greedy() else 1  # vLLM refuses n > 1 when greedy: every choice is the one answer
         params = sampling_params(replace(req, n=req.n // copies))
         tokens: dict[int, int] = {}
@@ -242,9 +234,7 @@ class VllmEngine:
         except VLLMValidationError as exc:
             raise Rejected(f"vLLM refused the request: {exc}") from None
 
-    async def complete(self, request: dict) -> dict:
-        """The whole answer at once (no per-token messages between replicas)."""
-        return await collect(self.stream(request))
+    complete = replica.complete
 
     async def check_health(self) -> None:
         """Serve replaces the replica when vLLM's engine process has died."""

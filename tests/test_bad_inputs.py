@@ -70,7 +70,7 @@ def test_broken_configs_are_refused_with_every_problem_at_once(name):
 
 
 def test_skipping_bad_rows_is_said_not_silent(tiny_causal, tmp_path):
-    from jobs.data import prepare
+    from jobs.data.driver import prepare
     from jobs.model import load_tokenizer
     from jobs.prompting import Prompting
 

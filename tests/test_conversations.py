@@ -11,7 +11,8 @@ from datasets import Dataset
 
 from jobs import conversations
 from jobs.config import DataConfig, ModelConfig
-from jobs.data import DataError, encode, generation_prompt, load_examples, prepare
+from jobs.data import DataError, encode, generation_prompt, load_examples
+from jobs.data.driver import prepare
 from jobs.demo_data import demo_conversations
 from jobs.generate import encode_prompt
 from jobs.prompting import Prompting

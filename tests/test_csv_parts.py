@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from jobs import csv_parts
+from jobs.data.ray_data import csv_parts
 
 
 def _records(text: bytes) -> list[dict]:

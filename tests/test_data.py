@@ -8,7 +8,8 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from jobs.config import DataConfig
-from jobs.data import DataError, encode, load_examples, prepare
+from jobs.data import DataError, encode, load_examples
+from jobs.data.driver import prepare
 from jobs.prompting import Prompting
 
 ROWS = [{"id": f"r{i}", "input": f"Day: Monday, Score: {i}", "output": f"output {i}"} for i in range(10)]

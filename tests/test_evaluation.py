@@ -9,7 +9,8 @@ import torch
 from peft import get_peft_model
 
 from jobs.config import load_config
-from jobs.evaluation import eval_examples, run_eval
+from jobs.data import held_out_examples
+from jobs.evaluation import run_eval
 from jobs.model import load_base, lora_config
 
 
@@ -48,7 +49,7 @@ def test_report_has_every_section_and_both_models(tiny_causal, adapter_dir, tmp_
     assert summary["examples"] == 10 and {"f1", "exact_match", "rouge1", "eval_loss", "failed_generations"} <= set(summary["results"]["adapter"]["metrics"])
     assert (tmp_path / "eval" / "eval.png").stat().st_size > 5_000
     rows = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in rows] == [e["id"] for e in eval_examples(run)]
+    assert [r["id"] for r in rows] == [e["id"] for e in held_out_examples(run)]
     assert {"id", "input", "prediction", "references", "metrics", "base_prediction"} <= set(rows[0])
     assert rows[0]["model"] == "adapter" and set(rows[0]["metrics"]) == {"exact_match", "f1", "rouge1", "rouge2", "rougeL"}
 
@@ -67,7 +68,7 @@ def test_failed_generations_are_counted_and_scored_zero(tiny_causal, tmp_path, m
 def test_eval_path_points_at_another_file(tiny_causal, tmp_path):
     path = tmp_path / "other.jsonl"
     path.write_text("\n".join(json.dumps({"id": f"o{i}", "input": f"Score: {i}", "output": "output"}) for i in range(3)))
-    assert [e["id"] for e in eval_examples(_run(tiny_causal, tmp_path, f"data.eval_path={path}"))] == ["o0", "o1", "o2"]
+    assert [e["id"] for e in held_out_examples(_run(tiny_causal, tmp_path, f"data.eval_path={path}"))] == ["o0", "o1", "o2"]
 
 
 def test_cli_eval_writes_report_and_predictions(tiny_causal, adapter_dir, tmp_path):

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer
 
 from jobs.config import ConfigError, load_config
-from jobs.data import prepare
+from jobs.data.driver import prepare
 from jobs.model import load_adapter, load_base, load_for_training, model_kind, uses_chat_template
 from jobs.prompting import Prompting
 from jobs.train import training_arguments

@@ -15,14 +15,19 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import ray_data
 from jobs.config import ConfigError, DataConfig, load_config
-from jobs.csv_parts import text_records
-from jobs.data import RawData, _length_stats, columns_of, parse_jsonl, resolve_layout
+from jobs.data import readers
+from jobs.data.examples import columns_of
+from jobs.data.formats import resolve_layout
+from jobs.data.ray_data import tokenize
+from jobs.data.ray_data.check import check_batch, in_validation
+from jobs.data.ray_data.parts import byte_ranges, count_newlines, numbered, row_group_parts, row_groups
+from jobs.data.ray_data.read import SAMPLE_ROWS, file_rows, sample
+from jobs.data.readers import RawData, parse_jsonl, text_records
+from jobs.data.statistics import _add_hist, histogram_stats
 from jobs.demo_data import demo_rows
 from jobs.model import load_tokenizer
 from jobs.prompting import Prompting
-from jobs.ray_data import _add_hist, histogram_stats, in_validation
 from tests.subprocesses import run_ok
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +40,12 @@ def test_length_statistics_from_histograms_equal_those_from_the_lists(seed):
     hist = None
     for part in np.array_split(lengths, 7):  # added up batch by batch, as on the cluster
         hist = _add_hist(hist, part)
-    assert histogram_stats(hist) == _length_stats(list(lengths))
+    assert histogram_stats(hist) == {
+        "mean": round(float(lengths.mean()), 1),
+        "p50": float(np.percentile(lengths, 50)),
+        "p95": float(np.percentile(lengths, 95)),
+        "max": int(lengths.max()),
+    }
 
 
 def test_the_split_is_seeded_stable_and_near_the_fraction():
@@ -79,9 +89,9 @@ def _awkward_jsonl(path, seed: int) -> None:
 def test_a_jsonl_file_read_in_byte_range_parts_gives_the_whole_files_rows(tmp_path, seed, part_bytes):
     path = tmp_path / "rows.jsonl"
     _awkward_jsonl(path, seed)
-    parts = ray_data.byte_ranges(str(path), path.stat().st_size, part_bytes)
-    parts = ray_data.numbered(parts, [ray_data.count_newlines(str(path), p["start"], p["end"]) for p in parts])
-    read = [row for part in parts for row in ray_data._file_rows(part, "jsonl", {str(path): "rows.jsonl"})]
+    parts = byte_ranges(str(path), path.stat().st_size, part_bytes)
+    parts = numbered(parts, [count_newlines(str(path), p["start"], p["end"]) for p in parts])
+    read = [row for part in parts for row in file_rows(part, "jsonl", {str(path): "rows.jsonl"})]
     whole = parse_jsonl(path.open("rb"))
     assert sorted((r["row"], json.loads(r["record"])) for r in read if not r["bad"]) == whole.rows
     assert sorted((r["row"], *json.loads(r["bad"])) for r in read if r["bad"]) == [
@@ -99,9 +109,9 @@ def _parquet_in_row_groups(path, rows: list[dict], group_rows: int) -> None:
 def test_a_parquet_file_read_in_row_group_parts_gives_the_whole_files_rows(tmp_path, group_rows, part_bytes):
     path = tmp_path / "rows.parquet"
     _parquet_in_row_groups(path, demo_rows(230, seed=5), group_rows)
-    groups = ray_data.row_groups(str(path))
-    parts = ray_data.row_group_parts([str(path)], [groups], part_bytes)
-    read = [row for part in parts for row in ray_data._file_rows(part, "parquet", {str(path): "rows.parquet"})]
+    groups = row_groups(str(path))
+    parts = row_group_parts([str(path)], [groups], part_bytes)
+    read = [row for part in parts for row in file_rows(part, "parquet", {str(path): "rows.parquet"})]
     assert [(r["row"], json.loads(r["record"])) for r in read] == list(enumerate(pq.read_table(path).to_pylist(), start=1))
     sizes = [size for _, size in groups]
     assert [g for part in parts for g in part["row_groups"]] == list(range(-(-230 // group_rows)))
@@ -113,31 +123,31 @@ def test_a_parquet_file_read_in_row_group_parts_gives_the_whole_files_rows(tmp_p
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_the_driver_reads_only_the_first_rows_of_a_csv_or_parquet_file(tmp_path, monkeypatch, fmt):
     """The layout and columns come from the first SAMPLE_ROWS rows: the driver never reads a big file whole."""
-    rows = demo_rows(3 * ray_data.SAMPLE_ROWS, seed=6)
+    rows = demo_rows(3 * SAMPLE_ROWS, seed=6)
     path = tmp_path / f"rows.{fmt}"
     if fmt == "csv":
         pa.csv.write_csv(pa.Table.from_pylist(rows), path)
     else:
-        _parquet_in_row_groups(path, rows, ray_data.SAMPLE_ROWS // 2)
+        _parquet_in_row_groups(path, rows, SAMPLE_ROWS // 2)
     whole = list(enumerate(text_records(path) if fmt == "csv" else pq.read_table(path).to_pylist(), start=1))
 
     def whole_file(*args):
         raise AssertionError("the driver read the whole file")
 
     def first_rows(source, rows=None):
-        assert rows == ray_data.SAMPLE_ROWS, "the driver read the whole file"
+        assert rows == SAMPLE_ROWS, "the driver read the whole file"
         return text_records(source, rows)
 
-    monkeypatch.setattr(ray_data, "text_records", first_rows)
+    monkeypatch.setattr(readers, "text_records", first_rows)
     monkeypatch.setattr(pq, "read_table", whole_file)
-    assert ray_data._sample(str(path), fmt).rows == whole[: ray_data.SAMPLE_ROWS]
+    assert sample(str(path), fmt).rows == whole[: SAMPLE_ROWS]
 
 
 ENCODE_ELSEWHERE = """
 import json, pickle, sys
-from jobs import ray_data
+from jobs.data.ray_data import tokenize
 prompting, data, batch = pickle.load(open(sys.argv[1], "rb"))
-out = ray_data.tokenize_batch(batch, prompting, data, streamed=True)
+out = tokenize.tokenize_batch(batch, prompting, data, streamed=True)
 print(json.dumps({"input_ids": [[int(t) for t in ids] for ids in out["input_ids"]],
                   "imported": sorted(m for m in ("torch", "jobs.model", "peft", "bitsandbytes") if m in sys.modules)}))
 """
@@ -159,10 +169,10 @@ def test_a_tokenizer_task_gets_the_drivers_tokenizer_and_imports_no_model_code(t
     }
     columns = columns_of(RawData(rows=list(enumerate(rows, start=1))), run.data)
     layout = resolve_layout(run.data, "jsonl", columns)
-    checked = {k: np.array(v) for k, v in ray_data._check_batch(raw, run.data, "jsonl", layout, columns).items()}
+    checked = {k: np.array(v) for k, v in check_batch(raw, run.data, "jsonl", layout, columns).items()}
     blob = pickle.dumps(prompting)
-    expected = [list(ids) for ids in ray_data.tokenize_batch(checked, blob, run.data, streamed=True)["input_ids"]]
-    assert ray_data._unpickled(bytes(bytearray(blob))) is ray_data._unpickled(blob), "unpickled once per process"
+    expected = [list(ids) for ids in tokenize.tokenize_batch(checked, blob, run.data, streamed=True)["input_ids"]]
+    assert tokenize._unpickled(bytes(bytearray(blob))) is tokenize._unpickled(blob), "unpickled once per process"
     (tmp_path / "encoder.pkl").write_bytes(pickle.dumps((blob, run.data, checked)))
     shutil.rmtree(model)
 

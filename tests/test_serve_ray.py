@@ -13,7 +13,8 @@ from openai import OpenAI
 from ray import serve
 
 from jobs.config import load_config
-from jobs.data import encode, generation_prompt, prepare
+from jobs.data import encode, generation_prompt
+from jobs.data.driver import prepare
 from jobs.demo_data import demo_conversations
 from jobs.export import merge
 from jobs.prompting import Prompting

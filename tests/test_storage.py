@@ -125,7 +125,7 @@ def test_a_crash_while_writing_never_leaves_a_half_adapter_where_readers_look(s3
         return real_copy2(src, dst, *args, **kwargs)
 
     # Local install: the old adapter stays whole, and no staging folder is left beside it.
-    monkeypatch.setattr("jobs.train.shutil.copy2", dies_on_second_file)
+    monkeypatch.setattr(storage.shutil, "copy2", dies_on_second_file)
     with pytest.raises(OSError, match="disk full"):
         install_adapter(checkpoint, target)
     monkeypatch.undo()

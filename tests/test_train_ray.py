@@ -13,7 +13,8 @@ import torch
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
 from jobs.config import load_config
-from jobs.data import DataError, prepare
+from jobs.data import DataError
+from jobs.data.driver import prepare
 from jobs.model import load_adapter, load_base
 from jobs.prompting import Prompting
 from jobs.train import WORKDIR_PREFIX, train, worker_workdir

@@ -32,9 +32,9 @@ from jobs.config import (
     sweep_problems,
     with_absolute_paths,
 )
+from jobs.data import Prepared, prepare
 from jobs.prompting import Prompting
-from jobs.ray_data import StreamedData
-from jobs.train import check_packing, load_data
+from jobs.train import check_packing
 from tune import leaderboard
 from tune.space import max_trial_steps, param_space, resolve_target_sets
 from tune.trial import run_trial
@@ -63,9 +63,8 @@ class SweepPlan:
     targets: dict[str, Any]
     n_train: int
     max_steps: int
-    # data.loader: ray_data: the tokenized rows in the object store, streamed by every trial that reads
-    # the same data (a trial re-reading them would wait for CPUs its sibling trials' workers hold).
-    streamed: StreamedData | None = None
+    # Prepared rows every trial that reads the same data trains on (`Prepared.serves`); None: each prepares its own.
+    shared: Prepared | None = None
 
 
 def plan(run: RunConfig) -> SweepPlan:
@@ -76,7 +75,7 @@ def plan(run: RunConfig) -> SweepPlan:
     targets = resolve_target_sets(run)
     prompting = Prompting.load(run.model)
     check_packing(run, prompting.kind)
-    data = load_data(run, prompting)  # bad data fails here, not in 8 trials
+    data = prepare(run, prompting)  # bad data fails here, not in 8 trials
     base = run.model_dump(mode="json", exclude={"tune"})
     return SweepPlan(
         run=run,
@@ -84,7 +83,7 @@ def plan(run: RunConfig) -> SweepPlan:
         targets=targets,
         n_train=data.train_rows,
         max_steps=max_trial_steps(run, data.train_rows),
-        streamed=data if isinstance(data, StreamedData) else None,
+        shared=data if data.serves(run) else None,
     )
 
 
@@ -137,7 +136,7 @@ def _trainable(p: SweepPlan, sweep_dir: Path, tracked: tracking.Tracking | None)
         score=(t.metric, t.resolved_mode()),
         sweep_dir=str(sweep_dir),
         tracked=tracked,
-        streamed=p.streamed,
+        shared=p.shared,
     )
     # The trial only drives its Train run, whose workers hold the CPUs/GPUs; it asks for memory
     # alone (Tune refuses an all-zero request), so a trial on a full node still gets its workers.

@@ -16,9 +16,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from jobs import tracking
 from jobs.cluster import RunPlacement
+from jobs.data import Prepared, prepare
 from jobs.prompting import Prompting
-from jobs.ray_data import StreamedData
-from jobs.train import fit, load_data
+from jobs.train import fit
 from tune.space import trial_config
 
 
@@ -32,7 +32,7 @@ def run_trial(
     score: tuple[str, str],
     sweep_dir: str,
     tracked: tracking.Tracking | None,
-    streamed: StreamedData | None = None,
+    shared: Prepared | None = None,
 ) -> None:
     run = trial_config(base, params, targets, alpha_ratio)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -40,7 +40,7 @@ def run_trial(
     placement = RunPlacement(name=trial_id, storage_path=storage, callbacks=(TuneReportCallback(),), score=score)
     child = tracking.start(run, Path(sweep_dir), kind="trial", parent=tracked, trial=trial_id)
     try:
-        data = streamed if streamed is not None and streamed.serves(run) else load_data(run, prompting)
+        data = shared if shared is not None and shared.serves(run) else prepare(run, prompting)
         result = fit(run, data, prompting, placement, tracked=child)
     except BaseException:
         tracking.finish(child, [], failed=True)

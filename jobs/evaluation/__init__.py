@@ -21,9 +21,8 @@ import torch
 import yaml
 from transformers import DataCollatorForSeq2Seq
 
-from jobs import ray_data
 from jobs.config import RunConfig
-from jobs.data import DataError, encode, generation_prompt, load_examples, split
+from jobs.data import encode, generation_prompt, held_out_examples
 from jobs.generate import Generation, generate
 from jobs.metrics import aggregate, metric_names, score
 from jobs.model import attach_adapter, load_base
@@ -48,22 +47,6 @@ class EvalOutcome:
     results: dict[str, ModelResult]  # "base" and/or "adapter"
     report: Path  # eval.md
     summary_md: str  # its head: what was evaluated and the metrics side by side, for the CLI to print
-
-
-def eval_examples(run: RunConfig) -> list[dict[str, Any]]:
-    """`data.eval_path` in full, else the same seeded held-out split the training used."""
-    if run.data.eval_path:
-        examples, _ = load_examples(run.data.model_copy(update={"path": run.data.eval_path, "max_samples": None}))
-        return examples
-    if run.data.validation_fraction == 0:
-        raise DataError(
-            "data.validation_fraction = 0: there is no held-out split to evaluate on; set data.eval_path or "
-            "data.validation_fraction"
-        )
-    if run.data.loader == "ray_data":
-        return ray_data.validation_examples(run)
-    examples, _ = load_examples(run.data)
-    return list(split(examples, run.data)[1])
 
 
 def json_schema(run: RunConfig) -> dict[str, Any] | None:
@@ -129,7 +112,7 @@ def run_eval(
     run: RunConfig, adapter: Path | None, with_base: bool, output_dir: Path, predictions: Path | None = None
 ) -> EvalOutcome:
     """The base model (with_base) then the adapter, on one loaded base model; writes the reports."""
-    examples = eval_examples(run)
+    examples = held_out_examples(run)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prompting = Prompting.load(run.model)
     model = load_base(run, device, prompting.kind)

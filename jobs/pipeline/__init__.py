@@ -17,8 +17,8 @@ import httpx
 
 from jobs import storage
 from jobs.config import RunConfig, load_config
-from jobs.data import generation_prompt
-from jobs.evaluation import eval_examples, run_eval
+from jobs.data import generation_prompt, held_out_examples
+from jobs.evaluation import run_eval
 from jobs.prompting import Prompting
 
 
@@ -78,7 +78,7 @@ def fit(run: RunConfig) -> Fitted:
 
 def smoke_request(endpoint: str, name: str, run: RunConfig, api_key: str | None) -> dict:
     """One held-out example through the deployed app, as a client would send it."""
-    example = eval_examples(run)[0]
+    example = held_out_examples(run)[0]
     use_chat = Prompting.load(run.model).use_chat
     limits = {
         "model": name,

@@ -17,9 +17,8 @@ from typing import Any
 import torch
 from transformers import DataCollatorWithFlattening
 
-# Rows this many times as wide as the batch's longest example. One scratch run on the SQuAD config (8 examples of
-# 174 to 516 tokens, 6 batches, forward and backward, 4-bit + LoRA, 2 cores): 1x 167, 1.5x 167, 2x 184, 3x 170 real
-# tokens/s, one row 160. Wider rows mask more; narrower ones fit fewer examples and leave more padding.
+# Rows this many times as wide as the batch's longest example: the widest measured rate among the widths tried (see the
+# training benchmark docs). Wider rows mask more; narrower ones fit fewer examples and leave more padding.
 ROW_WIDTH = 2
 
 

@@ -9,7 +9,7 @@ a record, is read with the file's header line in front, and numbers its rows fro
 
 from __future__ import annotations
 
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 
@@ -103,12 +103,3 @@ def record_parts(stream: BinaryIO, part_bytes: int) -> tuple[tuple[int, int] | N
     for part, next_first in zip(scan.parts, [p["first_row"] for p in scan.parts[1:]] + [rows + 1], strict=True):
         part["rows"] = next_first - part["first_row"]
     return scan.header, scan.parts
-
-
-def text_records(source: Any, rows: int | None = None) -> list[dict[str, Any]]:
-    """CSV rows with every cell as written, an empty one None (as `datasets` reads it). Text, not pandas' guess of a
-    type: "007" and "3.10" stay as written, and parts read alone cannot guess one column differently."""
-    import pandas  # here: only the tasks that read CSV pay for it
-
-    frame = pandas.read_csv(source, nrows=rows, dtype=str)
-    return frame.astype(object).where(frame.notna(), None).to_dict("records")
