@@ -101,7 +101,7 @@ def one_4bit_kernel(model):
 
     On CPUs with AVX-512 BF16, bitsandbytes 0.50 repacks a Linear4bit's weight at its first
     forward in eval mode without grad (the Trainer's first evaluation, say) and from then on
-    multiplies with a fused kernel that (1) rounds differently (about 0.35% relative here) and
+    multiplies with a fused kernel that (1) rounds differently and
     (2) has no autograd: training steps after that evaluation get no gradient through the
     frozen base layers, and `.to()` unpacks the weight again with a lossy round trip. So on
     those CPUs training silently went wrong after the first evaluation, and eval and Serve saw
