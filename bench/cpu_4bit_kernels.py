@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bitsandbytes as bnb  # noqa: E402
 import torch  # noqa: E402
 from bitsandbytes.functional import has_avx512bf16  # noqa: E402
+from results import markdown_row, write_result  # noqa: E402  (bench/ is this script's folder)
 
 from jobs.config import load_config  # noqa: E402
 from jobs.model import load_for_training, load_tokenizer  # noqa: E402
@@ -82,11 +83,17 @@ def main() -> None:
     print(f"CPU has AVX-512 BF16 (bitsandbytes' check): {has_avx512bf16()}; threads: {torch.get_num_threads()}")
     rows = [("bitsandbytes as shipped (fused kernel after the first eval)", measure(run, batch, prompt, True, args.tokens, args.repeats)),
             ("lorafleet (one kernel: dequantize + matmul)", measure(run, batch, prompt, False, args.tokens, args.repeats))]
-    print("\n| 4-bit layers | eval logits vs the training path (max relative difference) | LoRA matrices whose gradient changed after the first evaluation | "
-          f"greedy generation, {args.tokens} tokens, median of {args.repeats} (s) |")
+    columns = ["4-bit layers", "eval logits vs the training path (max relative difference)", "LoRA matrices whose gradient changed after the first evaluation",
+               f"greedy generation, {args.tokens} tokens, median of {args.repeats} (s)"]
+    print("\n| " + " | ".join(columns) + " |")
     print("| --- | ---: | ---: | ---: |")
-    for label, r in rows:
-        print(f"| {label} | {r['change']:.2e} | {r['changed']} of {r['total']} | {r['generate_s']:.2f} |")
+    table = [dict(zip(columns, [label, f"{r['change']:.2e}", f"{r['changed']} of {r['total']}", f"{r['generate_s']:.2f}"], strict=True)) for label, r in rows]
+    for row in table:
+        print(markdown_row(row))
+    shipped, ours = rows[0][1], rows[1][1]
+    write_result("cpu_4bit_kernels", args, table, headline=(
+        f"lorafleet: {ours['changed']} of {ours['total']} LoRA gradients changed by an evaluation (as shipped: {shipped['changed']}); "
+        f"greedy generation {ours['generate_s']:.2f} s against {shipped['generate_s']:.2f} s as shipped"))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results import markdown_row, target, write_result  # noqa: E402  (bench/ is this script's folder)
+
 from jobs.demo_data import demo_rows  # noqa: E402
 
 DRIVER = """
@@ -162,24 +164,39 @@ def main() -> None:
     print("\n| path | rows | rows/s prepared, 1 CPU | 2 CPUs | 2 / 1 CPU | rows/s tokenized as they stream, 1 CPU | 2 CPUs "
           "| 2 / 1 CPU | driver peak RSS (MB) | to the first batch in a worker (s) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    table = []
     for (name, n), (one, two) in results.items():
         prepared = _rates(one, two, "rows", "prepare_s")
         streamed = _rates(one, two, "streamed_rows", "stream_s")
-        print(f"| {name} | {n:,} | {prepared} | {streamed} | {two['rss_peak_mb']:,.0f} | {two['first_batch_s']:.1f} |")
+        table.append({"path": name, "rows": f"{n:,}",
+                      **dict(zip(("rows/s prepared, 1 CPU", "rows/s prepared, 2 CPUs", "prepared, 2 / 1 CPU"), prepared, strict=True)),
+                      **dict(zip(("rows/s tokenized as they stream, 1 CPU", "tokenized, 2 CPUs", "tokenized, 2 / 1 CPU"), streamed, strict=True)),
+                      "driver peak RSS (MB)": f"{two['rss_peak_mb']:,.0f}", "to the first batch in a worker (s)": f"{two['first_batch_s']:.1f}"})
+        print(markdown_row(table[-1]))
     small, large = args.rows[0], args.rows[-1]
+    scaling, targets = [], []
     for name in paths:
         first, last = results[name, small][1], results[name, large][1]
-        print(f"\n{name}, {large:,} vs {small:,} rows: driver RSS {last['rss_peak_mb'] / first['rss_peak_mb']:.2f}x (target <= 1.5x), "
-              f"first batch {last['first_batch_s'] / first['first_batch_s']:.2f}x (target <= 2x)")
+        rss, batch = last["rss_peak_mb"] / first["rss_peak_mb"], last["first_batch_s"] / first["first_batch_s"]
+        print(f"\n{name}, {large:,} vs {small:,} rows: driver RSS {rss:.2f}x (target <= 1.5x), "
+              f"first batch {batch:.2f}x (target <= 2x)")
+        if large != small:  # one size compares nothing
+            scaling.append({"path": name, "rows": f"{large:,} vs {small:,}", "driver peak RSS": f"{rss:.2f}x", "to the first batch": f"{batch:.2f}x"})
+        if name == "Ray Data" and large != small:  # the targets are Ray Data's; the driver path is the small-data default
+            targets += [target(f"Ray Data driver RSS, {large:,} vs {small:,} rows", rss, "<=", 1.5, "x"),
+                        target(f"Ray Data time to the first batch, {large:,} vs {small:,} rows", batch, "<=", 2, "x")]
+    last = table[-1]
+    headline = (f"{last['path']}, {last['rows']} rows, 2 / 1 CPU: prepared {last['prepared, 2 / 1 CPU']}, "
+                f"tokenized {last['tokenized, 2 / 1 CPU']}").replace("**", "")
+    tables = {"Rows per second, memory and the first batch": table, **({"Largest against smallest input": scaling} if scaling else {})}
+    write_result("data_scale", args, tables, targets, headline=headline)
 
 
-def _rates(one: dict | None, two: dict, rows: str, seconds: str) -> str:
+def _rates(one: dict | None, two: dict, rows: str, seconds: str) -> list[str]:
     """Three table cells: rows/s on 1 CPU, on 2 CPUs, and their ratio ("-" where not measured)."""
     r2 = two[rows] / two[seconds] if rows in two else None
     r1 = one[rows] / one[seconds] if one and rows in one else None
-    return " | ".join(
-        (f"{r1:,.0f}" if r1 else "-", f"{r2:,.0f}" if r2 else "-", f"**{r2 / r1:.2f}**" if r1 and r2 else "-")
-    )
+    return [f"{r1:,.0f}" if r1 else "-", f"{r2:,.0f}" if r2 else "-", f"**{r2 / r1:.2f}**" if r1 and r2 else "-"]
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
-from serve_load import replica_count  # bench/ is this script's folder
+from results import markdown_row, target, write_result  # bench/ is this script's folder
+from serve_load import replica_count
 
 PROMPT = "Write a long story about a robot who learns to paint."
 APP = "faults"
@@ -112,9 +113,17 @@ def main() -> None:
           f"{args.seconds:.0f} s of load, one replica killed at {args.kill_at:.0f} s\n")
     print("| serve.replica_loss_retries | requests | failed | failed share | longest gap between answers (s) | recovery to 2 replicas (s) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    table, targets = [], []
     for r in rows:
-        print(f"| {r['retries']} | {r['requests']} | {r['failed']} | {100 * r['failed'] / max(1, r['requests']):.2f}% | {r['gap_s']:.1f} | {r['recovered_s']:.1f} |")
+        share = 100 * r["failed"] / max(1, r["requests"])
+        table.append({"serve.replica_loss_retries": str(r["retries"]), "requests": str(r["requests"]), "failed": str(r["failed"]), "failed share": f"{share:.2f}%",
+                      "longest gap between answers (s)": f"{r['gap_s']:.1f}", "recovery to 2 replicas (s)": f"{r['recovered_s']:.1f}"})
+        print(markdown_row(table[-1]))
+        if r["retries"] > 0:  # the targets hold with retries on; 0 is the plain behaviour, for comparison
+            targets += [target(f"failed share, retries={r['retries']}", share, "<", 1, "%"),
+                        target(f"recovery to 2 replicas, retries={r['retries']}", r["recovered_s"], "<", 30, " s")]
     print("\ntargets: < 1% failed, recovery < 30 s")
+    write_result("serve_faults", args, table, targets)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
+from results import markdown_row, target, write_result  # bench/ is this script's folder
 
 PROMPT = "Write a long story about a robot who learns to paint."
 ADAPTERS = 8
@@ -283,19 +284,25 @@ def engine_rows(out: Path, names: list[str], engine: str, levels: list[int], max
     return rows
 
 
-def engines_table(r: dict, max_tokens: int) -> None:
+def engines_table(r: dict, max_tokens: int) -> tuple[list[dict], list[dict]]:
+    """Prints the engines' table and ratios; returns its rows and targets."""
     bare, v, h = r["bare_vllm"], r["vllm"], r["hf"]
 
     def lone(x: dict) -> str:
         return f"{x['s']:.2f} ({'/'.join(map(str, x['tokens']))})"
 
+    columns = ["path", "lone request, s (tokens)", "1 client tok/s", "8 clients tok/s", "32 clients tok/s", "32 clients, 8 adapters mixed tok/s"]
     print(f"\n## Engines: SmolLM2-135M bf16 (vLLM) / fp32 (HF), rank-8 adapters, {max_tokens} new tokens, greedy\n")
-    print("| path | lone request, s (tokens) | 1 client tok/s | 8 clients tok/s | 32 clients tok/s | 32 clients, 8 adapters mixed tok/s |")
+    print("| " + " | ".join(columns) + " |")
     print("|---|---|---|---|---|---|")
-    print(f"| bare vLLM LLM.generate (all prompts at once) | {lone(bare['lone'])} | - | - | {bare['one_tokens_per_s']:.1f} | {bare['mixed_tokens_per_s']:.1f} |")
+    table = [dict(zip(columns, ["bare vLLM LLM.generate (all prompts at once)", lone(bare["lone"]), "-", "-", f"{bare['one_tokens_per_s']:.1f}",
+                                f"{bare['mixed_tokens_per_s']:.1f}"], strict=True))]
     for label, row in (("lorafleet serve, engine vllm", v), ("lorafleet serve, engine hf", h)):
         by = {x["clients"]: x["tokens_per_s"] for x in row["one"]}
-        print(f"| {label} | {lone(row['lone'])} | {by.get(1, 0):.1f} | {by.get(8, 0):.1f} | {by.get(32, 0):.1f} | {row['mixed']['tokens_per_s']:.1f} |")
+        table.append(dict(zip(columns, [label, lone(row["lone"]), f"{by.get(1, 0):.1f}", f"{by.get(8, 0):.1f}", f"{by.get(32, 0):.1f}",
+                                        f"{row['mixed']['tokens_per_s']:.1f}"], strict=True)))
+    for row in table:
+        print(markdown_row(row))
     at32 = {x["clients"]: x["tokens_per_s"] for x in v["one"]}[32]
     hf32 = {x["clients"]: x["tokens_per_s"] for x in h["one"]}[32]
     same = "same answer length" if v["lone"]["tokens"] == bare["lone"]["tokens"] else "DIFFERENT answer lengths: not comparable"
@@ -303,6 +310,11 @@ def engines_table(r: dict, max_tokens: int) -> None:
     print(f"lone request, serve-on-vLLM / bare vLLM: {v['lone']['s'] / bare['lone']['s']:.2f}x (target <= 1.2x; {same})")
     print(f"8 mixed adapters / one adapter, serve-on-vLLM at 32 clients: {v['mixed']['tokens_per_s'] / at32:.2f}x (target >= 0.7x)")
     print(f"serve-on-vLLM / serve-on-HF at 32 clients: {at32 / hf32:.2f}x; mixed: {v['mixed']['tokens_per_s'] / h['mixed']['tokens_per_s']:.2f}x")
+    return table, [
+        target("serve-on-vLLM / bare vLLM tokens/s at 32 clients", at32 / bare["one_tokens_per_s"], ">=", 0.8, "x"),
+        target(f"lone request latency, serve-on-vLLM / bare vLLM ({same})", v["lone"]["s"] / bare["lone"]["s"], "<=", 1.2, "x"),
+        target("8 mixed adapters / one adapter tokens/s, serve-on-vLLM at 32 clients", v["mixed"]["tokens_per_s"] / at32, ">=", 0.7, "x"),
+    ]
 
 
 # --- autoscaling ramp -----------------------------------------------------------------------
@@ -422,43 +434,65 @@ def main() -> None:
     serve.shutdown()
     ray.shutdown()
     (args.out / "serve_load.json").write_text(json.dumps(report, indent=2))
-    print_tables(report, args)
+    tables, targets = print_tables(report, args)
+    write_result("serve_load", {k: v for k, v in vars(args).items() if k != "bare_vllm_json"}, tables, targets)
 
 
-def print_tables(r: dict, args) -> None:
+def print_tables(r: dict, args) -> tuple[dict[str, list[dict]], list[dict]]:
+    """Prints each part's table; returns them ({title: rows}) and the targets."""
+    tables: dict[str, list[dict]] = {}
+    targets: list[dict] = []
+
+    def show(title: str, rows: list[dict]) -> None:
+        tables[title] = rows
+        for row in rows:
+            print(markdown_row(row))
+
     if "bare_s" in r and "serve_s" in r:
         overhead = r["serve_s"] / r["bare_s"] - 1
         print(f"\n## Single request, {args.max_tokens} tokens (target: Serve adds <= 20%)\n")
         print("| path | median s | overhead |\n|---|---|---|")
-        print(f"| bare model.generate | {r['bare_s']:.2f} | - |\n| Serve (HTTP -> gateway -> engine) | {r['serve_s']:.2f} | {overhead:+.1%} |")
+        show(f"Single request, {args.max_tokens} tokens", [{"path": "bare model.generate", "median s": f"{r['bare_s']:.2f}", "overhead": "-"},
+                                                            {"path": "Serve (HTTP -> gateway -> engine)", "median s": f"{r['serve_s']:.2f}", "overhead": f"{overhead:+.1%}"}])
+        targets.append(target("Serve's overhead on a single request", 100 * overhead, "<=", 20, "%"))
     if "load" in r:
         print(f"\n## Load, {args.max_tokens} tokens per request (target: batched >= 4x unbatched at 32 clients)\n")
         print("| clients | batching | requests | tokens/s | requests/s | p50 s | p99 s |\n|---|---|---|---|---|---|---|")
-        for label, rows in r["load"].items():
-            for row in rows:
-                print(f"| {row['clients']} | {label} | {row['requests']} | {row['tokens_per_s']:.1f} | {row['requests_per_s']:.2f} | {row['p50_s']:.2f} | {row['p99_s']:.2f} |")
+        show(f"Load, {args.max_tokens} tokens per request", [
+            {"clients": str(row["clients"]), "batching": label, "requests": str(row["requests"]), "tokens/s": f"{row['tokens_per_s']:.1f}",
+             "requests/s": f"{row['requests_per_s']:.2f}", "p50 s": f"{row['p50_s']:.2f}", "p99 s": f"{row['p99_s']:.2f}"}
+            for label, rows in r["load"].items() for row in rows])
         off = {row["clients"]: row["tokens_per_s"] for row in r["load"].get("off", [])}
         for label, rows in r["load"].items():
             if label != "off" and off:
                 ratios = [f"{row['clients']} clients {row['tokens_per_s'] / off[row['clients']]:.2f}x" for row in rows]
                 print(f"\nthroughput, batching {label} / off: {', '.join(ratios)}")
+                targets += [target(f"batching {label} / off, tokens/s at 32 clients", row["tokens_per_s"] / off[32], ">=", 4, "x")
+                            for row in rows if row["clients"] == 32 and 32 in off]
     if "memory" in r:
         m = r["memory"]
         print("\n## Memory, fp32 base + rank-8 adapters (target: 8 multiplexed <= 1.25x one)\n")
         print("| what | resident MB | vs base + 1 adapter |\n|---|---|---|")
-        for key, label in (("base", "base alone"), ("one", "base + 1 adapter"), ("eight", f"base + {ADAPTERS} adapters, multiplexed"), ("merged", f"{ADAPTERS} merged models, one per adapter")):
-            print(f"| {label} | {m[key]:.0f} | {m[key] / m['one']:.2f}x |")
+        show("Memory, fp32 base + rank-8 adapters", [
+            {"what": label, "resident MB": f"{m[key]:.0f}", "vs base + 1 adapter": f"{m[key] / m['one']:.2f}x"}
+            for key, label in (("base", "base alone"), ("one", "base + 1 adapter"), ("eight", f"base + {ADAPTERS} adapters, multiplexed"), ("merged", f"{ADAPTERS} merged models, one per adapter"))])
+        targets.append(target(f"memory, {ADAPTERS} multiplexed adapters / one", m["eight"] / m["one"], "<=", 1.25, "x"))
     if "cold" in r:
         c = r["cold"]
         print(f"\n## Adapter load (1-token request, median of {ADAPTERS - 1} adapters)\n")
-        print(f"| cold request s | warm request s | load time s |\n|---|---|---|\n| {c['cold_s']:.2f} | {c['warm_s']:.2f} | {c['load_s']:.2f} |")
+        print("| cold request s | warm request s | load time s |\n|---|---|---|")
+        show(f"Adapter load (1-token request, median of {ADAPTERS - 1} adapters)",
+             [{"cold request s": f"{c['cold_s']:.2f}", "warm request s": f"{c['warm_s']:.2f}", "load time s": f"{c['load_s']:.2f}"}])
     if "bare_vllm" in r:
-        engines_table(r, args.max_tokens)
+        tables["Engines, side by side"], engine_targets = engines_table(r, args.max_tokens)
+        targets += engine_targets
     if "ramp" in r:
         peak = max(s["replicas"] for s in r["ramp"])
         up = next((s["t"] for s in r["ramp"] if s["replicas"] == peak), None)
         last = r["ramp"][-1]["replicas"]
         print(f"\n## Autoscaling ramp: 1 -> 12 -> 0 clients; replicas 1 -> {peak} (at {up} s) -> {last} at the end; plot: {args.out / 'serve_ramp.png'}")
+        tables["Autoscaling ramp, 1 -> 12 -> 0 clients"] = [{"most replicas": str(peak), "reached at (s)": str(up), "replicas at the end": str(last)}]
+    return tables, targets
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray
+from results import markdown_row, target, write_result  # bench/ is this script's folder
 
 from jobs.config import load_config
 from tests import tiny_models
@@ -76,13 +77,19 @@ def main() -> None:
     print(f"\nSweep efficiency: {args.trials} trials of up to {args.steps} steps, same sampled configs, eval loss (lower is better)\n")
     print("| Scheduler | Trial-steps | Trials stopped early | Best eval loss | Wall time (s) |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name, r in (("FIFO (every trial to the end)", fifo), ("ASHA", asha)):
-        print(f"| {name} | {r['trial_steps']} | {r['stopped']} | {r['best']:.4f} | {r['wall_s']:.0f} |")
+    table = [{"Scheduler": name, "Trial-steps": str(r["trial_steps"]), "Trials stopped early": str(r["stopped"]), "Best eval loss": f"{r['best']:.4f}",
+              "Wall time (s)": f"{r['wall_s']:.0f}"} for name, r in (("FIFO (every trial to the end)", fifo), ("ASHA", asha))]
+    for row in table:
+        print(markdown_row(row))
     print(f"\nASHA / FIFO trial-steps: {steps_share:.1%} (target <= 40%)")
     print(f"quality, FIFO best / ASHA best loss: {quality:.1%} (target >= 98%)")
     print(f"share of FIFO's loss improvement ASHA kept (from {fifo['start_loss']:.4f} at the first evaluation): {kept:.1%}")
     print(f"best trial: FIFO {fifo['best_params']}, ASHA {asha['best_params']}")
     print("targets met" if steps_share <= 0.40 and quality >= 0.98 else "targets NOT met")
+    write_result("sweep_efficiency", args, table, [
+        target("ASHA / FIFO trial-steps", 100 * steps_share, "<=", 40, "%"),
+        target("quality, FIFO best / ASHA best eval loss", 100 * quality, ">=", 98, "%"),
+    ])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The README's MLflow screenshot: a real `mlflow server` (SQLite, loopback), a short SmolLM2 sweep
+"""The tracking guide's MLflow screenshot (docs/guides/tracking.md): a real `mlflow server` (SQLite, loopback), a short SmolLM2 sweep
 tracked into it (one parent run, one child per trial), and headless Chromium photographing the UI.
 
     python bench/tracking_screenshot.py [--out docs/mlflow-sweep.png] [--steps 6]

@@ -36,6 +36,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results import markdown_row, target, write_result  # noqa: E402  (bench/ is this script's folder)
+
 from jobs.config import load_config  # noqa: E402
 
 
@@ -139,7 +141,7 @@ def run_plain_beside_idle_ray(out: Path, steps: int, threads: int) -> dict:
 SQUAD = ROOT / "configs" / "squad-smollm2.yaml"
 
 
-def packing_rows(steps: int) -> None:
+def packing_rows(steps: int, args: argparse.Namespace) -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for packing in ("none", "padding_free"):
@@ -156,10 +158,17 @@ def packing_rows(steps: int) -> None:
     tokens = rows["none"][0]
     print("| training.packing | non-padding tokens trained | Trainer's own count | Trainer runtime (s) | non-padding tokens/s | eval loss (54 held out) |")
     print("| --- | --- | --- | --- | --- | --- |")
+    table = []
     for packing, (counted, runtime, eval_loss, _) in rows.items():
-        print(f"| {packing} | {tokens:,} | {counted:,} | {runtime:.1f} | {tokens / runtime:,.1f} | {eval_loss:.4f} |")
+        table.append({"training.packing": packing, "non-padding tokens trained": f"{tokens:,}", "Trainer's own count": f"{counted:,}",
+                      "Trainer runtime (s)": f"{runtime:.1f}", "non-padding tokens/s": f"{tokens / runtime:,.1f}", "eval loss (54 held out)": f"{eval_loss:.4f}"})
+        print(markdown_row(table[-1]))
     (_, r0, e0, _), (_, r1, e1, _) = rows["none"], rows["padding_free"]
     print(f"\nratio padding_free/none: {r0 / r1:.3f} (target >= 1.2); eval loss difference {abs(e1 - e0) / e0:.2%} (target <= 1%)")
+    write_result("train_throughput_packing", args, table, [
+        target("speed, padding_free / none (non-padding tokens/s)", r0 / r1, ">=", 1.2, "x"),
+        target("eval loss difference, padding_free vs none", 100 * abs(e1 - e0) / e0, "<=", 1, "%"),
+    ])
 
 
 def main() -> None:
@@ -171,7 +180,7 @@ def main() -> None:
     parser.add_argument("--packing", action="store_true", help="padded vs padding-free batches on the SQuAD config instead")
     args = parser.parse_args()
     if args.packing:
-        return packing_rows(args.steps if args.steps != 16 else 9)
+        return packing_rows(args.steps if args.steps != 16 else 9, args)
     load_config("configs/demo.yaml")  # fail early on a broken config
     runs: dict[str, list[StepTimes]] = {"plain": [], "ray": [], "plain beside idle ray": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,12 +206,21 @@ def main() -> None:
     print("| trainer | trained tokens/s, mean of runs | runs | fastest repeat of each step |\n| --- | --- | --- | --- |")
     names = {"plain": "plain HF Trainer + PEFT (1 process)", "ray": "lorafleet train (Ray Train, 1 worker)",
              "plain beside idle ray": "plain, beside an idle Ray Train run"}
+    throughput = []
     for which, name in names.items():
-        print(f"| {name} | {mean[which]:,.1f} | {', '.join(f'{r:.1f}' for r in per_run[which])} | {fastest[which]:,.1f} |")
+        throughput.append({"trainer": name, "trained tokens/s, mean of runs": f"{mean[which]:,.1f}", "runs": ", ".join(f"{r:.1f}" for r in per_run[which]),
+                           "fastest repeat of each step": f"{fastest[which]:,.1f}"})
+        print(markdown_row(throughput[-1]))
     print("\n| base model in the training process | peak RSS (MB) |\n| --- | --- |")
-    print(f"| 4-bit NF4 (QLoRA) | {plain['peak_rss_mb']:,.0f} |\n| unquantized float32 (LoRA) | {full['peak_rss_mb']:,.0f} |")
+    memory = [{"base model in the training process": "4-bit NF4 (QLoRA)", "peak RSS (MB)": f"{plain['peak_rss_mb']:,.0f}"},
+              {"base model in the training process": "unquantized float32 (LoRA)", "peak RSS (MB)": f"{full['peak_rss_mb']:,.0f}"}]
+    print("\n".join(markdown_row(row) for row in memory))
     print(f"\nratio lorafleet/plain: mean of runs {mean['ray'] / mean['plain']:.3f}, fastest repeat of each step {fastest['ray'] / fastest['plain']:.3f} (target >= 0.95)")
     print(f"ratio plain beside an idle Ray Train run / plain alone: {mean['plain beside idle ray'] / mean['plain']:.3f} (Ray's own processes, not the training path)")
+    write_result("train_throughput", args, {"Trained tokens per second, steady state": throughput, "Peak memory of the training process": memory}, [
+        target("lorafleet / plain trained tokens/s, mean of runs", mean["ray"] / mean["plain"], ">=", 0.95),
+        target("lorafleet / plain trained tokens/s, fastest repeat of each step", fastest["ray"] / fastest["plain"], ">=", 0.95),
+    ])
 
 
 if __name__ == "__main__":

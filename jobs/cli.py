@@ -17,8 +17,9 @@ from jobs.config import ConfigError, load_config
 from jobs.data import DataError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune with QLoRA on Ray: train, sweep, serve.")
-console = Console(stderr=True)  # errors and status
-results = Console(soft_wrap=True)  # what a command produces (tables, output paths), never re-wrapped
+# Never re-wrapped at the terminal's width: a command, path or fix printed for a user to copy comes out whole.
+console = Console(stderr=True, soft_wrap=True)  # errors and status
+results = Console(soft_wrap=True)  # what a command produces (tables, output paths)
 
 ConfigOption = Annotated[Optional[str], typer.Option("--config", "-c", help="Run config YAML (see configs/).")]
 Overrides = Annotated[
@@ -283,13 +284,12 @@ def submit(
 
     with _exit_on((ConfigError,)):
         client, job_id = jobs_submit.submit(stage, config, overrides or [], address, env or [], install)
-    # soft_wrap: a command or a reason to copy, never broken at the terminal's width
-    console.print(f"submitted {job_id}: lorafleet jobs logs {job_id} --follow", highlight=False, soft_wrap=True)
+    console.print(f"submitted {job_id}: lorafleet jobs logs {job_id} --follow", highlight=False)
     if not wait:
         results.print(job_id)
         return
     info = jobs_submit.follow(client, job_id, lambda line: results.print(line, highlight=False, markup=False))
-    console.print(jobs_submit.outcome(job_id, info), highlight=False, markup=False, soft_wrap=True)
+    console.print(jobs_submit.outcome(job_id, info), highlight=False, markup=False)
     raise typer.Exit(jobs_submit.exit_code(info.status))
 
 

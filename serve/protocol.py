@@ -116,7 +116,7 @@ class Sampling(BaseModel):
 
 class CompletionRequest(Sampling):
     prompt: str | list[str] = Field(description="The text to continue (one prompt per request).")
-    echo: bool = Field(False, description="Not supported: must be false.")
+    echo: Literal[False] = Field(False, description="Not supported: must be false.")
     best_of: int = Field(1, ge=1, le=1, description="Not supported: must be 1.")
     logprobs: int | None = Field(
         None, ge=0, le=5, description="Log probabilities of the chosen and up to 5 likeliest tokens."

@@ -10,7 +10,7 @@ that holds its adapter; an evicted adapter is removed from vLLM.
 Ray Serve LLM (`ray.serve.llm`) runs vLLM too, but its LoRA loader takes adapters only from one
 cloud-storage prefix (`dynamic_lora_loading_path` must start with s3://, gs://, abfss:// or
 azure://), so named local folders and the registry folder could not be served: this deployment
-wraps vLLM's `AsyncLLM` instead (README, Serving engines).
+wraps vLLM's `AsyncLLM` instead (docs/design.md).
 """
 
 from __future__ import annotations

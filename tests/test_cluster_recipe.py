@@ -1,4 +1,4 @@
-"""The README's local cluster recipe, run as written in a fresh HOME, and the warning lorafleet
+"""The cluster guide's local recipe (docs/guides/cluster.md), run as written in a fresh HOME, and the warning lorafleet
 prints when it joins a cluster that checks no token. Real `ray start` clusters on loopback."""
 
 import os
@@ -20,8 +20,8 @@ AUTH_OFF = "runs with token authentication OFF"
 
 
 def recipe() -> list[str]:
-    """The README's block after the marker, one command a line (continuations joined)."""
-    text = (REPO / "README.md").read_text()
+    """The cluster guide's block after the marker, one command a line (continuations joined)."""
+    text = (REPO / "docs" / "guides" / "cluster.md").read_text()
     block = text[text.index(MARK):].split("```bash\n", 1)[1].split("```", 1)[0]
     return [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
 

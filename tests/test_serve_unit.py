@@ -82,6 +82,8 @@ def test_requests_are_checked_field_by_field():
         {"model": "m", "prompt": "hi", "temperature": -1},
         {"model": "m", "prompt": "hi", "n": 17},
         {"model": "m", "prompt": "hi", "logprobs": 6},
+        {"model": "m", "prompt": "hi", "echo": True},
+        {"model": "m", "prompt": "hi", "best_of": 2},
         {"model": "m", "prompt": "hi", "response_format": {"type": "json_schema"}},
         {"model": "m", "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "frobnicate"}}}},
         {"model": "m", "prompt": "hi", "response_format": {"type": "xml"}},
