@@ -1,8 +1,9 @@
 """The OpenAI-compatible wire format: request bodies, responses, stream chunks and errors.
 
-Request models describe what the API accepts (FastAPI turns them into the OpenAPI schema);
-fields OpenAI defines but this server does not implement are refused with a 400 that says so,
-instead of being silently ignored.
+Request models describe what the API accepts (FastAPI turns them into the OpenAPI schema). Unknown
+fields are ignored, as the official client sends fields of its own; the few OpenAI fields this server
+does not implement (UNSUPPORTED, `echo`, `best_of`) are refused with a 400 unless left at their default: an
+answer that silently ignored a penalty, a logit bias or a tool list would not be the answer asked for.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from serve.grammar import check_schema
 MAX_STOP = 4  # as OpenAI
 MAX_N = 16  # choices per request (OpenAI allows 128; each is a full generation here)
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API
+UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "tools", "functions", "suffix")
 
 
 def _utf8(text: str) -> str:
@@ -88,6 +90,16 @@ class Sampling(BaseModel):
     return_token_ids: bool = Field(
         False, description="vLLM's extension: add the prompt's token ids to a non-streamed answer."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data):
+        """A field of UNSUPPORTED is accepted only at its default (absent, null, 0 or empty), as some clients send."""
+        if isinstance(data, dict):
+            given = [name for name in UNSUPPORTED if data.get(name) not in (None, 0, "", [], {})]
+            if given:
+                raise ValueError(f"{', '.join(given)}: not supported by this server; leave it out")
+        return data
 
     def structured(self) -> dict | None:
         """The response format as the engines take it (None: free text)."""

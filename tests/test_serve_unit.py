@@ -83,6 +83,9 @@ def test_requests_are_checked_field_by_field():
         {"model": "m", "prompt": "hi", "n": 17},
         {"model": "m", "prompt": "hi", "logprobs": 6},
         {"model": "m", "prompt": "hi", "echo": True},
+        {"model": "m", "prompt": "hi", "presence_penalty": 0.5},
+        {"model": "m", "prompt": "hi", "logit_bias": {"50256": -100}},
+        {"model": "m", "prompt": "hi", "suffix": "end"},
         {"model": "m", "prompt": "hi", "best_of": 2},
         {"model": "m", "prompt": "hi", "response_format": {"type": "json_schema"}},
         {"model": "m", "prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "frobnicate"}}}},
@@ -98,6 +101,10 @@ def test_requests_are_checked_field_by_field():
         protocol.ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]})
     chat = protocol.ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]})
     assert chat.messages[0].content == "ab"
+    with pytest.raises(ValidationError, match="tools: not supported"):
+        protocol.ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]})
+    # What some clients send by default is not a request for a feature.
+    protocol.ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "tools": None})
 
 
 def _progress(stop, max_tokens=10):
