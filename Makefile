@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup model demo test test-fast bench docs clean
+.PHONY: setup model demo test test-fast bench docs gpu-bundle gpu-check gpu-check-dry clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -49,6 +49,21 @@ bench: model
 
 docs: setup  ## the documentation site into site/ (strict: a broken link fails); reference and benchmark pages generated
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# The GPU acceptance check (docs/guides/gpu-check.md). gpu-bundle, here: the packages a lent GPU machine lacks, as
+# .gpu/site.tar.xz. gpu-check, there: unpacks it (when present) and runs bench/gpu_check.py with that machine's
+# python3 (CUDA torch, transformers, peft). gpu-check-dry: the same checks on CPU, as the test suite runs them.
+GPU_SITE := /tmp/lorafleet-gpu
+
+gpu-bundle:
+	$(PYTHON) bench/gpu_bundle.py
+
+gpu-check:
+	if [ -f .gpu/site.tar.xz ]; then mkdir -p $(GPU_SITE) && tar -xJf .gpu/site.tar.xz -C $(GPU_SITE); fi
+	PYTHONPATH=$(GPU_SITE)/site PYTHONUNBUFFERED=1 python3 bench/gpu_check.py
+
+gpu-check-dry: setup
+	$(BIN)/python bench/gpu_check.py --dry-run
 
 clean:
 	rm -rf runs .pytest_cache site

@@ -22,7 +22,7 @@ from transformers import (
     set_seed,
 )
 
-from jobs import adapter
+from jobs import adapter, devices
 from jobs.config import PACKAGED_MODELS, ConfigError, ModelConfig, RunConfig
 from jobs.packaged import packaged_model_path
 
@@ -76,10 +76,7 @@ def uses_chat_template(cfg: ModelConfig, tokenizer) -> bool:
 
 
 def compute_dtype(run: RunConfig, device: torch.device) -> torch.dtype:
-    name = run.quantization.compute_dtype
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, name)
+    return devices.compute_dtype(run.quantization.compute_dtype, device)
 
 
 def quantization_config(run: RunConfig, device: torch.device) -> BitsAndBytesConfig | None:

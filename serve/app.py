@@ -19,7 +19,7 @@ from ray import serve
 from ray.serve import Application
 
 from jobs import adapter, cluster
-from jobs.config import ConfigError, RunConfig, with_absolute_paths
+from jobs.config import ConfigError, RunConfig, as_json, with_absolute_paths
 from jobs.model import load_tokenizer, model_kind
 from serve import adapters
 from serve.api import Gateway, base_model_name
@@ -60,7 +60,7 @@ def application(run: RunConfig, choice: EngineChoice | None = None) -> Applicati
     choice = choice or choose(run)
     log.info("%s", choice.line())
     s = run.serve
-    raw = run.model_dump(mode="json")
+    raw = as_json(run)
     deployment = VllmEngine if choice.name == "vllm" else Engine
     engine = deployment.options(
         autoscaling_config=autoscaling(run),
@@ -105,7 +105,7 @@ def serve_config(run: RunConfig) -> str:
         "name": run.serve.name,
         "route_prefix": run.serve.route_prefix,
         "import_path": IMPORT_PATH,
-        "args": {"config": run.model_dump(mode="json", exclude={"serve": {"api_key"}})},
+        "args": {"config": as_json(run, exclude={"serve": {"api_key"}})},
     }
     doc = {
         "proxy_location": "EveryNode",

@@ -23,6 +23,7 @@ import torch
 from peft import PeftModel
 from ray import serve
 
+from jobs import devices
 from jobs.config import RunConfig
 from jobs.model import load_base
 from jobs.prompting import Prompting
@@ -57,8 +58,7 @@ class Engine:
         self.serve_cfg = run.serve
         cpus = int(run.serve.replica_resources.get("CPU", 1))
         torch.set_num_threads(max(1, cpus))  # one replica per `CPU` share, not every core each
-        use_gpu = run.serve.on_gpu and torch.cuda.is_available()
-        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.device = devices.replica_device(run.serve.on_gpu)
         self.prompting = Prompting.load(run.model)
         self.model = load_base(serving_run(run), self.device, self.prompting.kind).eval()
         self.eos = eos_token_ids(self.model, self.prompting.tokenizer)

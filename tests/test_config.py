@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.config import ConfigError, RunConfig, apply_overrides, load_config
+from jobs.config import ConfigError, RunConfig, apply_overrides, as_json, dump_config, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -155,3 +155,13 @@ def test_an_override_cut_up_by_the_shell_is_reported_not_raised():
     text = str(err.value)
     assert "ray.resources_per_worker = '{CPU:': not a YAML value" in text and "quote the whole override" in text
     assert text.count("write overrides as dotted.key=value") == 3
+
+
+@pytest.mark.parametrize("overrides", [["data.validation_fraction=0"], ["data.validation_fraction=0.2", "tune.num_samples=3"]])
+def test_a_config_sent_to_workers_or_saved_validates_there_as_the_same_config(overrides):
+    """Ray workers, replicas and a saved config.yaml validate the config again: a training run without evaluation
+    data must not turn into a sweep (which needs it) on the way."""
+    run = load_config(None, overrides)
+    again = RunConfig.model_validate(as_json(run))
+    assert again == run and again.is_sweep == run.is_sweep
+    assert RunConfig.model_validate(yaml.safe_load(dump_config(run))).is_sweep == run.is_sweep

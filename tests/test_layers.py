@@ -17,7 +17,7 @@ LAYERS = {
     "jobs.train": STAGE, "jobs.evaluation": STAGE, "jobs.export": STAGE, "tune": STAGE, "serve": STAGE,
     "jobs.tracking": SERVICE, "jobs.model": SERVICE, "jobs.prompting": SERVICE, "jobs.conversations": SERVICE, "jobs.data": SERVICE, "jobs.demo_data": SERVICE, "jobs.generate": SERVICE,
     "jobs.storage": SERVICE, "jobs.report": SERVICE, "jobs.cluster": SERVICE, "jobs.packaged": SERVICE,
-    "jobs.config": GROUND, "jobs.adapter": GROUND, "jobs.metrics": GROUND,
+    "jobs.config": GROUND, "jobs.adapter": GROUND, "jobs.devices": GROUND, "jobs.metrics": GROUND,
 }
 # Besides the direction: Serve runs without the sweep's or the training job's code. In `jobs.data`, the two loaders
 # stand on shared modules and never on each other, and only the package's entry (`jobs.data`) chooses between them.

@@ -46,6 +46,9 @@ BENCHMARKS = [
     Benchmark("serve-faults", "Serving under faults",
               "A model replica killed under load: failed requests, the longest gap between answers, recovery time, with and without resends.",
               {"serve_faults": "python bench/serve_faults.py"}),
+    Benchmark("gpu-check", "GPU check",
+              "lorafleet's GPU paths on a lent CUDA machine: QLoRA steps, adapter reload, two adapters in one batch, packing, speed against a plain script, Ray Train.",
+              {"gpu_check": "make gpu-check"}),
 ]
 
 _RESULT = re.compile(r"<!--\s*result:\s*([\w-]+)\s*-->")

@@ -9,7 +9,7 @@ dotted `keys` they share. Import from here.
 
 from jobs.config.errors import ConfigError, problem
 from jobs.config.keys import set_dotted
-from jobs.config.loading import apply_overrides, dump_config, load_config, validate, with_absolute_paths
+from jobs.config.loading import apply_overrides, as_json, dump_config, load_config, validate, with_absolute_paths
 from jobs.config.names import ADAPTER_NAME, PACKAGED_MODELS, TARGET_SETS, TASK_METRIC_NAMES
 from jobs.config.rules import read_deepspeed, sweep_problems
 from jobs.config.schema import (
@@ -45,6 +45,7 @@ __all__ = [
     "TrainingConfig",
     "TuneSection",
     "apply_overrides",
+    "as_json",
     "dump_config",
     "load_config",
     "read_deepspeed",

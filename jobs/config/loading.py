@@ -149,6 +149,14 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     return RunConfig.model_validate(raw)
 
 
+def as_json(cfg: RunConfig, exclude: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config as JSON for Ray workers, replicas and saved files: validated again, it is the same config.
+    A run that is no sweep leaves its tune section out, which its copy would otherwise set, and so be checked as
+    a sweep (`RunConfig.is_sweep`): a training run without evaluation data would fail in its Ray workers."""
+    exclude = {**(exclude or {}), **({} if cfg.is_sweep else {"tune": True})}
+    return cfg.model_dump(mode="json", exclude=exclude)
+
+
 def dump_config(cfg: RunConfig) -> str:
     """The resolved config as saved with a run; secrets are left out (set them again where needed)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json", exclude={"serve": {"api_key"}}), sort_keys=False)
+    return yaml.safe_dump(as_json(cfg, exclude={"serve": {"api_key"}}), sort_keys=False)

@@ -29,7 +29,7 @@ class QuantizationConfig(Section):
     mode: Literal["none", "4bit", "8bit"] = Field("4bit", description="Load the frozen base in 4-bit (QLoRA), 8-bit, or full precision.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
     double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of 4-bit matmuls; 'auto': bfloat16 on GPU, float32 on CPU.")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype of 4-bit matmuls; 'auto': bfloat16 on GPUs that have it, float16 on older GPUs, float32 on CPU.")
 
 
 class LoraConfig(Section):
@@ -79,7 +79,7 @@ class TrainingConfig(Section):
     logging_steps: int = Field(10, gt=0, description="Log the training loss every N steps.")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept in Ray storage (the latest is always kept).")
     seed: int = Field(42, description="Seed of model init, dropout and data order.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Mixed precision; 'auto': bf16 on GPU, fp32 on CPU.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Mixed precision; 'auto': bf16 on GPUs that have it, fp16 on older GPUs (T4, V100), fp32 on CPU.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (non-reentrant, DDP-safe).")
     deepspeed: str | dict[str, Any] | None = Field(None, description="DeepSpeed config (file path or inline dict); ZeRO-2 works with 4-bit.")
     dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes per Ray worker.")

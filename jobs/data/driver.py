@@ -14,9 +14,9 @@ import numpy as np
 
 from jobs.config import DataConfig, RunConfig
 from jobs.data.encoding import TOKEN_COLUMNS, encode
-from jobs.data.errors import DataError, check_chat, check_rows
+from jobs.data.errors import DataError, check_rows
 from jobs.data.examples import to_examples
-from jobs.data.formats import resolve_format
+from jobs.data.formats import check_chat, resolve_format
 from jobs.data.readers import read_whole
 from jobs.data.statistics import Tally, data_report
 

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from jobs.config import DataConfig
-
-if TYPE_CHECKING:
-    from jobs.prompting import Prompting
 
 MAX_LISTED_BAD_ROWS = 20
 
@@ -77,15 +73,6 @@ def check_unusable(
         raise DataError(
             f"{cfg.path}: {long_count} {desc} conversation(s) longer than data.max_length = {cfg.max_length} "
             f"tokens (rows {listed}); raise data.max_length, or set data.truncation=drop_oldest_turns or skip"
-        )
-
-
-def check_chat(layout: str, prompting: Prompting) -> None:
-    if layout in ("messages", "sharegpt") and not prompting.use_chat:
-        raise DataError(
-            f"data.format: {layout} conversations are rendered with the tokenizer's chat template, and this "
-            "model has none (or model.chat_template is false); use a chat model, or single-turn rows with "
-            "data.prompt_template / data.format: alpaca"
         )
 
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jobs.config import DataConfig
 from jobs.data.errors import DataError
+
+if TYPE_CHECKING:
+    from jobs.prompting import Prompting
 
 SQUAD_PROMPT = "Answer with a short span copied from the context.\nContext: {context}\nQuestion: {question}"
 FORMAT_DEFAULTS = {"squad": (SQUAD_PROMPT, "answer")}
@@ -63,6 +67,16 @@ def resolve_layout(cfg: DataConfig, fmt: str, columns: set[str]) -> str:
 
 def is_conversation(layout: str) -> bool:
     return layout in ("messages", "sharegpt")
+
+
+def check_chat(layout: str, prompting: Prompting) -> None:
+    """Conversations need the tokenizer's chat template."""
+    if is_conversation(layout) and not prompting.use_chat:
+        raise DataError(
+            f"data.format: {layout} conversations are rendered with the tokenizer's chat template, and this "
+            "model has none (or model.chat_template is false); use a chat model, or single-turn rows with "
+            "data.prompt_template / data.format: alpaca"
+        )
 
 
 def described(fmt: str, layout: str) -> str:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from jobs.config import DataConfig
 from jobs.data.errors import BadRow, DataError, empty_file, not_found
+from jobs.data.formats import DEMOS
 from jobs.demo_data import demo_conversations, demo_rows
 
 if TYPE_CHECKING:  # the model stack (torch, peft) is not needed to read and check data
@@ -142,7 +143,7 @@ def _read_table(fmt: str, cfg: DataConfig) -> RawData:
 
 def read_whole(cfg: DataConfig, fmt: str) -> RawData:
     """All of data.path's rows, read in this process (the driver loader)."""
-    if fmt in ("demo", "demo-chat"):
+    if fmt in DEMOS:
         return demo_raw(cfg, fmt)
     path = Path(cfg.path)
     if fmt != "hf" and not path.is_file():

@@ -21,6 +21,7 @@ import torch
 import yaml
 from transformers import DataCollatorForSeq2Seq
 
+from jobs import devices
 from jobs.config import RunConfig
 from jobs.data import encode, generation_prompt, held_out_examples
 from jobs.generate import Generation, generate
@@ -113,7 +114,7 @@ def run_eval(
 ) -> EvalOutcome:
     """The base model (with_base) then the adapter, on one loaded base model; writes the reports."""
     examples = held_out_examples(run)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = devices.local_device()
     prompting = Prompting.load(run.model)
     model = load_base(run, device, prompting.kind)
     results: dict[str, ModelResult] = {}

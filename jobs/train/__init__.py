@@ -9,7 +9,7 @@ metrics and run report to `training.output_dir`. Modules: `job` (the driver: fit
 Train worker), `arguments` (TrainingArguments, DeepSpeed, collator), `callbacks`, `packing`.
 """
 
-from jobs.train.arguments import check_packing, collator, deepspeed_config, training_arguments
+from jobs.train.arguments import check_packing, collator, deepspeed_config, hf_trainer, training_arguments
 from jobs.train.callbacks import FinalEvaluationCallback
 from jobs.train.job import TrainOutcome, fit, train
 from jobs.train.worker import WORKDIR_PREFIX, streamed_batches, worker_workdir
@@ -22,6 +22,7 @@ __all__ = [
     "collator",
     "deepspeed_config",
     "fit",
+    "hf_trainer",
     "streamed_batches",
     "train",
     "training_arguments",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import DataCollatorForSeq2Seq, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
+from jobs import devices
 from jobs.config import ConfigError, RunConfig, problem, read_deepspeed
 from jobs.prompting import Prompting
 from jobs.train.packing import PackedRowsCollator
@@ -31,7 +32,7 @@ def training_arguments(
 ) -> TrainingArguments:
     """`max_steps`: the steps a streamed dataset (no length) gives, when training.max_steps leaves it to epochs."""
     t = run.training
-    precision = t.precision if t.precision != "auto" else ("bf16" if run.ray.use_gpu else "fp32")
+    precision = devices.training_precision(t.precision, run.ray.use_gpu)  # in the worker: its GPU decides
     return TrainingArguments(
         output_dir=output_dir,
         num_train_epochs=t.num_epochs,
@@ -63,6 +64,28 @@ def training_arguments(
         include_num_input_tokens_seen="non_padding",
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         report_to="none",
+    )
+
+
+def hf_trainer(
+    run: RunConfig,
+    model,
+    prompting: Prompting,
+    output_dir: str,
+    train_set,
+    eval_set=None,
+    max_steps: int | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+) -> Trainer:
+    """The Trainer of every Train worker (bench/gpu_check.py runs this same one on a GPU, outside Ray)."""
+    return Trainer(
+        model=model,
+        args=training_arguments(run, output_dir, eval_set is not None, max_steps),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=collator(run, prompting),
+        processing_class=prompting.tokenizer,
+        callbacks=callbacks,
     )
 
 

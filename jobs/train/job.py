@@ -16,7 +16,7 @@ import ray.train
 import ray.train.torch
 
 from jobs import adapter, cluster, report, storage, tracking
-from jobs.config import ConfigError, RunConfig, dump_config, problem
+from jobs.config import ConfigError, RunConfig, as_json, dump_config, problem
 from jobs.data import Prepared, prepare
 from jobs.prompting import Prompting
 from jobs.train.arguments import check_packing, deepspeed_config, training_arguments
@@ -77,7 +77,7 @@ def fit(
     tracked: tracking.Tracking | None = None,
 ) -> ray.train.Result:
     cluster.connect(run.ray.address)
-    run_json = run.model_dump(mode="json")
+    run_json = as_json(run)
     # Inlined here: a DeepSpeed file path of the driver's node need not exist on the workers' nodes.
     run_json["training"]["deepspeed"] = deepspeed_config(run.training.deepspeed)
     whole = data.whole_sets()

@@ -17,13 +17,12 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
-from transformers import Trainer
 
 from jobs import adapter, tracking
 from jobs.config import RunConfig
 from jobs.model import load_for_training, load_tokenizer, parameter_counts
 from jobs.prompting import Prompting
-from jobs.train.arguments import collator, training_arguments
+from jobs.train.arguments import collator, hf_trainer
 from jobs.train.callbacks import (
     FaultInjectionCallback,
     FinalEvaluationCallback,
@@ -101,13 +100,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resumed = resume_dir is not None
     # One tracked run per job: only rank 0 writes to it.
     trackers = tracking.worker_callbacks(config["tracking"]) if ray.train.get_context().get_world_rank() == 0 else []
-    trainer = Trainer(
-        model=model,
-        args=training_arguments(run, str(workdir / "hf"), eval_set is not None, config["max_steps"]),
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=collator(run, prompting),
-        processing_class=prompting.tokenizer,
+    trainer = hf_trainer(
+        run,
+        model,
+        prompting,
+        str(workdir / "hf"),
+        train_set,
+        eval_set,
+        config["max_steps"],
         callbacks=[
             RunInfoCallback(parameter_counts(model), resumed=resumed, nodes=worker_nodes()),
             TaskMetricsCallback(run, config["eval_examples"], prompting, trackers),

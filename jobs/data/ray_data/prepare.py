@@ -19,8 +19,8 @@ from ray.data.expressions import col
 from jobs import cluster
 from jobs.config import DataConfig, RunConfig
 from jobs.data.encoding import TOKEN_COLUMNS
-from jobs.data.errors import check_chat, check_split
-from jobs.data.formats import is_conversation
+from jobs.data.errors import check_split
+from jobs.data.formats import check_chat, is_conversation
 from jobs.data.ray_data.check import Checked, checked_rows, count_rows, not_train_rows
 from jobs.data.ray_data.execution import materialized
 from jobs.data.ray_data.tokenize import TRAINS, head_and_tail, token_stats, tokenized
