@@ -15,6 +15,7 @@ from rich.console import Console
 
 from jobs.config import ConfigError, load_config
 from jobs.data import DataError
+from jobs.registry_cli import app as registry_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune with QLoRA on Ray: train, sweep, serve.")
 # Never re-wrapped at the terminal's width: a command, path or fix printed for a user to copy comes out whole.
@@ -295,6 +296,7 @@ def submit(
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Ray jobs on the cluster: list, status, logs, stop.")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(registry_app, name="registry")
 
 
 @jobs_app.command("list")

@@ -1,6 +1,6 @@
 """Where served adapters come from: named folders or s3:// / gs:// URIs in the config (a URI is
-fetched into the replica's local cache on first use), or one subfolder per adapter in a registry
-folder that is read at request time (a new subfolder is servable at once).
+fetched into the replica's local cache on first use), or the current version of each adapter in a
+registry folder (`jobs.registry`), read at request time (a new name is servable at once).
 
 A name is one path component (`ADAPTER_NAME`) and its folder must resolve inside the registry,
 so no request can make a replica read outside it; only safetensors weights count as an adapter.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from jobs import storage
+from jobs import registry, storage
 from jobs.adapter import CONFIG, WEIGHTS, is_adapter_folder
 from jobs.config import ADAPTER_NAME, ServeSection
 
@@ -31,8 +31,11 @@ def exists(path: str) -> bool:
 
 
 def _in_root(root: Path, name: str) -> Path | None:
-    folder = (root / name).resolve()
-    return folder if folder.parent == root.resolve() and is_adapter_folder(folder) else None
+    """The current version of `name` in the registry folder (`jobs.registry`; a plain adapter folder is version 1)."""
+    if (root / name).resolve().parent != root.resolve():
+        return None
+    version = registry.current(str(root), name)
+    return Path(version.uri) if version else None
 
 
 def resolve(cfg: ServeSection, name: str) -> Path:

@@ -13,10 +13,10 @@ ENTRY, STAGE, SERVICE, GROUND = range(4)
 LAYER_NAMES = ("entry point", "stage", "service", "ground")
 # The longest matching prefix decides; every `__main__` module is an entry point.
 LAYERS = {
-    "jobs.cli": ENTRY, "jobs.submit": ENTRY, "jobs.pipeline": ENTRY,
+    "jobs.cli": ENTRY, "jobs.registry_cli": ENTRY, "jobs.submit": ENTRY, "jobs.pipeline": ENTRY,
     "jobs.train": STAGE, "jobs.evaluation": STAGE, "jobs.export": STAGE, "tune": STAGE, "serve": STAGE,
     "jobs.tracking": SERVICE, "jobs.model": SERVICE, "jobs.prompting": SERVICE, "jobs.conversations": SERVICE, "jobs.data": SERVICE, "jobs.demo_data": SERVICE, "jobs.generate": SERVICE,
-    "jobs.storage": SERVICE, "jobs.report": SERVICE, "jobs.cluster": SERVICE, "jobs.packaged": SERVICE,
+    "jobs.storage": SERVICE, "jobs.registry": SERVICE, "jobs.report": SERVICE, "jobs.cluster": SERVICE, "jobs.packaged": SERVICE,
     "jobs.config": GROUND, "jobs.adapter": GROUND, "jobs.devices": GROUND, "jobs.metrics": GROUND,
 }
 # Besides the direction: Serve runs without the sweep's or the training job's code. In `jobs.data`, the two loaders
