@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib.util
 import os
 import sys
@@ -297,6 +298,7 @@ def _plain_trainer(run, train_set, prompting, output_dir: str):
 
 
 def _timed_training(make_trainer: Callable) -> tuple[float, str]:
+    gc.collect()  # the previous trainer's model must not count in this one's peak memory
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
