@@ -99,8 +99,9 @@ def main() -> int:
     with tarfile.open(archive, "w:xz", preset=6) as tar:
         tar.add(site, arcname="site")
     shutil.rmtree(work)
-    tree = int(subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.count(b"\0"))
-    tracked = sum((REPO / f).stat().st_size for f in subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split() if (REPO / f).is_file())
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
+    files = [REPO / f for f in listed if f and (REPO / f).is_file()]
+    tree, tracked = len(files), sum(f.stat().st_size for f in files)
     total = tracked + _size(archive)
     print(f"\npackages carried ({len(pins)}): {' '.join(pins)}")
     print(f"| what | size |\n| --- | ---: |\n| .gpu/site.tar.xz | {_size(archive) / 2**20:.1f} MiB |"

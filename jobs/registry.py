@@ -87,21 +87,36 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
-def versions(registry: str, name: str) -> list[Version]:
-    """The complete versions of `name`, oldest first."""
+def _home(registry: str, name: str) -> tuple[pafs.FileSystem, str]:
     _check_name(name)
     fs, root = _fs(registry)
-    home = f"{root}/{name}"
-    found = []
-    config, info = fs.get_file_info([f"{home}/{adapter.CONFIG}", f"{home}/{adapter.WEIGHTS}"])
-    if config.type == info.type == pafs.FileType.File:
-        published = info.mtime.astimezone(datetime.UTC).isoformat(timespec="seconds") if info.mtime else ""
-        found.append(Version(LEGACY, _uri(registry, home), published, {}))
-    for entry in fs.get_file_info(pafs.FileSelector(f"{home}/{VERSIONS}", allow_not_found=True)):
-        meta = _read_json(fs, f"{entry.path}/{VERSION_FILE}") if entry.base_name.isdigit() else None
-        if meta is not None:
-            found.append(Version(int(entry.base_name), _uri(registry, entry.path), meta["published"], meta.get("lineage", {})))
-    return sorted(found, key=lambda v: v.number)
+    return fs, f"{root}/{name}"
+
+
+def _version(fs: pafs.FileSystem, registry: str, home: str, number: int) -> Version | None:
+    """Version `number` if it is complete: a plain folder's files (1), or a version folder's version.json."""
+    if number == LEGACY:
+        config, weights = fs.get_file_info([f"{home}/{adapter.CONFIG}", f"{home}/{adapter.WEIGHTS}"])
+        if config.type != pafs.FileType.File or weights.type != pafs.FileType.File:
+            return None
+        published = weights.mtime.astimezone(datetime.UTC).isoformat(timespec="seconds") if weights.mtime else ""
+        return Version(LEGACY, _uri(registry, home), published, {})
+    folder = f"{home}/{VERSIONS}/{number}"
+    meta = _read_json(fs, f"{folder}/{VERSION_FILE}")
+    return None if meta is None else Version(number, _uri(registry, folder), meta["published"], meta.get("lineage", {}))
+
+
+def _numbers(fs: pafs.FileSystem, home: str) -> list[int]:
+    """Every number with a folder under versions/, complete or not."""
+    entries = fs.get_file_info(pafs.FileSelector(f"{home}/{VERSIONS}", allow_not_found=True))
+    return [int(e.base_name) for e in entries if e.base_name.isdigit()]
+
+
+def versions(registry: str, name: str) -> list[Version]:
+    """The complete versions of `name`, oldest first."""
+    fs, home = _home(registry, name)
+    found = (_version(fs, registry, home, n) for n in sorted({LEGACY, *_numbers(fs, home)}))
+    return [v for v in found if v is not None]
 
 
 def names(registry: str) -> list[str]:
@@ -111,19 +126,17 @@ def names(registry: str) -> list[str]:
 
 
 def current(registry: str, name: str) -> Version | None:
-    """The version served under `name`: the one `current` names, else (a plain folder) version 1."""
-    known = {v.number: v for v in versions(registry, name)}
-    fs, root = _fs(registry)
-    pointer = _read_json(fs, f"{root}/{name}/{CURRENT}")
-    if pointer is not None:
-        return known.get(pointer["version"])
-    return known.get(LEGACY)
+    """The version served under `name`: the one `current` names, else (a plain folder) version 1. Reads the
+    pointer and that one version only: serving asks at every batch."""
+    fs, home = _home(registry, name)
+    pointer = _read_json(fs, f"{home}/{CURRENT}")
+    return _version(fs, registry, home, pointer["version"] if pointer is not None else LEGACY)
 
 
 def _set_current(registry: str, name: str, number: int, reason: str) -> None:
-    fs, root = _fs(registry)
+    fs, home = _home(registry, name)
     record = {"version": number, "since": _now(), "reason": reason}
-    _write(fs, f"{root}/{name}/{CURRENT}", json.dumps(record).encode())
+    _write(fs, f"{home}/{CURRENT}", json.dumps(record).encode())
 
 
 def _lineage(adapter_dir: Path) -> tuple[dict[str, Any], list[Path]]:
@@ -133,26 +146,23 @@ def _lineage(adapter_dir: Path) -> tuple[dict[str, Any], list[Path]]:
     if not files:
         return {}, []
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
-    return {"run": str(run.resolve()), "metrics": {k: metrics[k] for k in LINEAGE_METRICS if metrics.get(k) is not None}}, files
-
-
-def _next_number(fs: pafs.FileSystem, home: str) -> int:
-    """Above every number in use, complete or not, and above the plain folder's 1: no folder is written twice."""
-    used = [int(e.base_name) for e in fs.get_file_info(pafs.FileSelector(f"{home}/{VERSIONS}", allow_not_found=True)) if e.base_name.isdigit()]
-    return max([LEGACY, *used]) + 1
+    return {
+        "run": str(run.resolve()),
+        "metrics": {k: metrics[k] for k in LINEAGE_METRICS if metrics.get(k) is not None},
+    }, files
 
 
 def publish(registry: str, name: str, adapter_dir: Path, keep: int = 10) -> Version:
     """A new immutable version of `name` from `adapter_dir`, made current; versions beyond the newest `keep`
     are removed (never the current one)."""
-    _check_name(name)
+    fs, home = _home(registry, name)
     if not adapter.is_adapter_folder(adapter_dir):
-        raise RegistryError(f"ADAPTER_DIR = {str(adapter_dir)!r}: no {adapter.CONFIG} + {adapter.WEIGHTS} there; pass the adapter folder a training run wrote (<training.output_dir>/adapter)")
+        raise RegistryError(
+            f"ADAPTER_DIR = {str(adapter_dir)!r}: no {adapter.CONFIG} + {adapter.WEIGHTS} there; pass the adapter folder a training run wrote (<training.output_dir>/adapter)"
+        )
     if keep < 1:
         raise RegistryError(f"--keep = {keep}: keep at least 1 version (the current one)")
-    fs, root = _fs(registry)
-    home = f"{root}/{name}"
-    number = _next_number(fs, home)
+    number = max([LEGACY, *_numbers(fs, home)]) + 1  # above every number in use: no folder is written twice
     folder = f"{home}/{VERSIONS}/{number}"
     fs.create_dir(folder)
     files = sorted((p for p in adapter_dir.iterdir() if p.is_file()), key=adapter.last_is_config)
@@ -163,7 +173,13 @@ def publish(registry: str, name: str, adapter_dir: Path, keep: int = 10) -> Vers
         fs.create_dir(f"{folder}/{LINEAGE}")  # a local disk needs the folder; an object store ignores it
     for path in lineage_files:
         pafs.copy_files(str(path), f"{folder}/{LINEAGE}/{path.name}", destination_filesystem=fs)
-    meta = {"name": name, "version": number, "published": _now(), "source": str(adapter_dir.resolve()), "lineage": lineage}
+    meta = {
+        "name": name,
+        "version": number,
+        "published": _now(),
+        "source": str(adapter_dir.resolve()),
+        "lineage": lineage,
+    }
     _write(fs, f"{folder}/{VERSION_FILE}", json.dumps(meta, indent=2).encode())  # last: now the version exists
     _set_current(registry, name, number, "publish")
     _prune(registry, name, keep)
@@ -172,26 +188,32 @@ def publish(registry: str, name: str, adapter_dir: Path, keep: int = 10) -> Vers
 
 def _prune(registry: str, name: str, keep: int) -> None:
     now = current(registry, name)
-    fs, root = _fs(registry)
+    fs, home = _home(registry, name)
     for old in versions(registry, name)[:-keep]:
         if old.number != LEGACY and (now is None or old.number != now.number):
-            fs.delete_dir(f"{root}/{name}/{VERSIONS}/{old.number}")
+            fs.delete_dir(f"{home}/{VERSIONS}/{old.number}")
 
 
 def rollback(registry: str, name: str, to: int | None = None) -> Version:
     """Make an earlier version current: `to`, or the newest one below the current version."""
     known = versions(registry, name)
     if not known:
-        raise RegistryError(f"NAME = {name!r}: no versions in {registry}; publish one first (lorafleet registry publish)")
+        raise RegistryError(
+            f"NAME = {name!r}: no versions in {registry}; publish one first (lorafleet registry publish)"
+        )
     now = current(registry, name)
     if to is None:
         earlier = [v for v in known if now is None or v.number < now.number]
         if not earlier:
-            raise RegistryError(f"{name}: version {now.number if now else '?'} is the oldest kept; nothing to roll back to")
+            raise RegistryError(
+                f"{name}: version {now.number if now else '?'} is the oldest kept; nothing to roll back to"
+            )
         target = earlier[-1]
     else:
         target = next((v for v in known if v.number == to), None)
         if target is None:
-            raise RegistryError(f"--to = {to}: {name} has versions {', '.join(str(v.number) for v in known)}; pick one of them")
+            raise RegistryError(
+                f"--to = {to}: {name} has versions {', '.join(str(v.number) for v in known)}; pick one of them"
+            )
     _set_current(registry, name, target.number, f"rollback from {now.number if now else 'none'}")
     return target

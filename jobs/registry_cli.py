@@ -21,7 +21,9 @@ from jobs import registry
 app = typer.Typer(no_args_is_help=True, help="Versions of named adapters: publish, list, roll back.")
 console = Console(stderr=True, soft_wrap=True)
 results = Console(soft_wrap=True)
-RegistryArg = Annotated[str, typer.Argument(help="The registry: a folder, or an s3:// / gs:// URI.", show_default=False)]
+RegistryArg = Annotated[
+    str, typer.Argument(help="The registry: a folder, or an s3:// / gs:// URI.", show_default=False)
+]
 NameArg = Annotated[str, typer.Argument(help="The adapter's name, as requests give it in `model`.", show_default=False)]
 
 
@@ -34,19 +36,28 @@ def _fail(exc: Exception) -> None:
 def publish(
     registry_uri: RegistryArg,
     name: NameArg,
-    adapter_dir: Annotated[Path, typer.Argument(help="The adapter folder (<training.output_dir>/adapter).", show_default=False)],
-    keep: Annotated[int, typer.Option("--keep", help="Versions kept per name; older ones are removed, never the current one.")] = 10,
+    adapter_dir: Annotated[
+        Path, typer.Argument(help="The adapter folder (<training.output_dir>/adapter).", show_default=False)
+    ],
+    keep: Annotated[
+        int, typer.Option("--keep", help="Versions kept per name; older ones are removed, never the current one.")
+    ] = 10,
 ) -> None:
     """Write a new immutable version of NAME and make it current; prints the version."""
     try:
         version = registry.publish(registry_uri, name, adapter_dir, keep)
     except (registry.RegistryError, OSError) as exc:
         _fail(exc)
-    results.print(f"{name}: version {version.number} published and current ({version.uri})", highlight=False, markup=False)
+    results.print(
+        f"{name}: version {version.number} published and current ({version.uri})", highlight=False, markup=False
+    )
 
 
 @app.command("list")
-def list_versions(registry_uri: RegistryArg, name: Annotated[str | None, typer.Argument(help="Only this adapter.", show_default=False)] = None) -> None:
+def list_versions(
+    registry_uri: RegistryArg,
+    name: Annotated[str | None, typer.Argument(help="Only this adapter.", show_default=False)] = None,
+) -> None:
     """Every version, the current one marked, with when it was published and the run that trained it."""
     try:
         chosen = [name] if name else registry.names(registry_uri)
@@ -57,7 +68,11 @@ def list_versions(registry_uri: RegistryArg, name: Annotated[str | None, typer.A
                 lineage = version.lineage
                 where = f"  run {lineage['run']}" if lineage.get("run") else ""
                 metrics = f"  {json.dumps(lineage['metrics'])}" if lineage.get("metrics") else ""
-                results.print(f"{mark} {each}@{version.number}  {version.published}{where}{metrics}", highlight=False, markup=False)
+                results.print(
+                    f"{mark} {each}@{version.number}  {version.published}{where}{metrics}",
+                    highlight=False,
+                    markup=False,
+                )
     except (registry.RegistryError, OSError) as exc:
         _fail(exc)
 
@@ -66,7 +81,9 @@ def list_versions(registry_uri: RegistryArg, name: Annotated[str | None, typer.A
 def rollback(
     registry_uri: RegistryArg,
     name: NameArg,
-    to: Annotated[int | None, typer.Option("--to", help="This version; default: the newest one below the current.")] = None,
+    to: Annotated[
+        int | None, typer.Option("--to", help="This version; default: the newest one below the current.")
+    ] = None,
 ) -> None:
     """Make an earlier version of NAME current again."""
     try:

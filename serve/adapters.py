@@ -68,11 +68,7 @@ def names(cfg: ServeSection) -> list[str]:
     found = [name for name, path in cfg.adapters.items() if storage.is_remote(path) or is_adapter_folder(Path(path))]
     root = Path(cfg.adapter_root) if cfg.adapter_root else None
     if root and root.is_dir():
-        found += sorted(
-            p.name
-            for p in root.iterdir()
-            if ADAPTER_NAME.match(p.name) and p.name not in found and _in_root(root, p.name)
-        )
+        found += [name for name in registry.names(str(root)) if name not in found and _in_root(root, name)]
     return found
 
 

@@ -16,7 +16,7 @@ from ray.tune import ExperimentAnalysis
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from jobs import adapter, report, storage
-from jobs.config import RunConfig, dump_config
+from jobs.config import RunConfig, as_json, dump_config
 from tune.space import planned_steps, trial_config
 
 STATUS = {
@@ -231,7 +231,7 @@ def export_best(
         "metrics": best.best_metrics,
         "checkpoint": best.checkpoint,
         "sweep_dir": str(sweep_dir),
-        "config": trial_run.model_dump(mode="json"),
+        "config": as_json(trial_run, exclude={"serve": {"api_key"}}),  # as config.yaml beside it
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (best_dir / "lineage.json").write_text(json.dumps(lineage, indent=2, default=str))
