@@ -219,8 +219,8 @@ def serve_cmd(config: ConfigOption = None, overrides: Overrides = None, build: B
         deployed = serve_app.deploy(run)
     _print(serve_app.serving_summary(run, deployed))
     if serve_app.embedded(run):
-        console.print("embedded Ray: the app stops with this process (Ctrl-C)", highlight=False)
-        serve_app.wait_forever()
+        console.print("embedded Ray: the app stops with this process (Ctrl-C or SIGTERM drain it first)", highlight=False)
+        serve_app.serve_until_stopped(run)
 
 
 @app.command()
@@ -229,6 +229,7 @@ def pipeline(config: ConfigOption = None, overrides: Overrides = None, keep_serv
     from ray.train import TrainingFailedError
 
     from jobs.pipeline import PipelineFailed
+    from jobs.storage import is_remote
     from jobs.pipeline import pipeline as run_pipeline
     from serve import app as serve_app
 
@@ -246,13 +247,17 @@ def pipeline(config: ConfigOption = None, overrides: Overrides = None, keep_serv
     )
     if serve_app.embedded(run):
         if not keep_serving:
+            again = (
+                f"serve.adapter_root={run.promote.registry}"
+                if outcome.gate and not is_remote(run.promote.registry)
+                else f"serve.adapters.{outcome.adapter_name}={outcome.adapter}"
+            )
             console.print(
-                f"embedded Ray: the app stops now; serve it again with: lorafleet serve --config {config} "
-                f"serve.adapters.{outcome.adapter_name}={outcome.adapter}",
+                f"embedded Ray: the app stops now; serve it again with: lorafleet serve --config {config} {again}",
                 highlight=False,
             )
             return
-        serve_app.wait_forever()
+        serve_app.serve_until_stopped(run)
 
 
 AddressOption = Annotated[

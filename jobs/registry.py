@@ -133,6 +133,12 @@ def current(registry: str, name: str) -> Version | None:
     return _version(fs, registry, home, pointer["version"] if pointer is not None else LEGACY)
 
 
+def version(registry: str, name: str, number: int) -> Version | None:
+    """Version `number` of `name`, if it is complete and kept."""
+    fs, home = _home(registry, name)
+    return _version(fs, registry, home, number)
+
+
 def _set_current(registry: str, name: str, number: int, reason: str) -> None:
     fs, home = _home(registry, name)
     record = {"version": number, "since": _now(), "reason": reason}
@@ -152,9 +158,12 @@ def _lineage(adapter_dir: Path) -> tuple[dict[str, Any], list[Path]]:
     }, files
 
 
-def publish(registry: str, name: str, adapter_dir: Path, keep: int = 10) -> Version:
-    """A new immutable version of `name` from `adapter_dir`, made current; versions beyond the newest `keep`
-    are removed (never the current one)."""
+def publish(
+    registry: str, name: str, adapter_dir: Path, keep: int = 10, make_current: bool = True, gate: dict | None = None
+) -> Version:
+    """A new immutable version of `name` from `adapter_dir`, made current unless `make_current` is false (an
+    evaluation gate refused it; `gate` records why); versions beyond the newest `keep` are removed (never the
+    current one)."""
     fs, home = _home(registry, name)
     if not adapter.is_adapter_folder(adapter_dir):
         raise RegistryError(
@@ -179,9 +188,11 @@ def publish(registry: str, name: str, adapter_dir: Path, keep: int = 10) -> Vers
         "published": _now(),
         "source": str(adapter_dir.resolve()),
         "lineage": lineage,
+        **({"gate": gate} if gate else {}),
     }
     _write(fs, f"{folder}/{VERSION_FILE}", json.dumps(meta, indent=2).encode())  # last: now the version exists
-    _set_current(registry, name, number, "publish")
+    if make_current:
+        _set_current(registry, name, number, "publish")
     _prune(registry, name, keep)
     return Version(number, _uri(registry, folder), meta["published"], lineage)
 

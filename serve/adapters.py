@@ -1,6 +1,11 @@
 """Where served adapters come from: named folders or s3:// / gs:// URIs in the config (a URI is
-fetched into the replica's local cache on first use), or the current version of each adapter in a
-registry folder (`jobs.registry`), read at request time (a new name is servable at once).
+fetched into the replica's local cache on first use), or the versions of each adapter in a
+registry folder (`jobs.registry`; a new name is servable at once).
+
+Engines load an adapter by key: `NAME@VERSION` for a registry version, `NAME` for a configured
+adapter (it has no versions). A version's files never change, so a key always means the same
+weights: a new version is a new key, hence a new PEFT adapter, a new vLLM LoRA id and name, and
+new prefix-cache blocks. Which version `NAME` means is the API replica's choice (`CurrentVersions`).
 
 A name is one path component (`ADAPTER_NAME`) and its folder must resolve inside the registry,
 so no request can make a replica read outside it; only safetensors weights count as an adapter.
@@ -8,6 +13,9 @@ so no request can make a replica read outside it; only safetensors weights count
 
 from __future__ import annotations
 
+import re
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -25,33 +33,104 @@ class AdapterLoadError(ValueError):
     """An adapter folder exists but does not fit this base model or this engine (a 400 model_not_loadable)."""
 
 
+PINNED = re.compile(r"^(?P<name>[^@]+)@(?P<version>[0-9]{1,9})$")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An adapter's name and version (None: a configured adapter, which has no versions)."""
+
+    name: str
+    version: int | None = None
+
+    @property
+    def key(self) -> str:
+        """The engines' id for these weights: Serve's multiplexed model id, PEFT's adapter name, vLLM's LoRA name."""
+        return self.name if self.version is None else f"{self.name}@{self.version}"
+
+
+def parse(model: str) -> Ref:
+    """`NAME` or `NAME@VERSION` (a pinned version), or UnknownAdapter."""
+    pinned = PINNED.match(model)
+    name, version = (pinned["name"], int(pinned["version"])) if pinned else (model, None)
+    if not ADAPTER_NAME.match(name):
+        raise UnknownAdapter(
+            f"{model[:80]!r} is not a valid adapter name (1-64 letters, digits, '.', '_' or '-', then @VERSION to pin one)"
+        )
+    return Ref(name, version)
+
+
 def exists(path: str) -> bool:
     """An adapter folder, local or on an object store (checked there without downloading)."""
     return storage.has_files(path, (CONFIG, WEIGHTS)) if storage.is_remote(path) else is_adapter_folder(Path(path))
 
 
-def _in_root(root: Path, name: str) -> Path | None:
-    """The current version of `name` in the registry folder (`jobs.registry`; a plain adapter folder is version 1)."""
-    if (root / name).resolve().parent != root.resolve():
+def _in_root(root: Path, ref: Ref) -> registry.Version | None:
+    """`ref`'s version in the registry folder (`jobs.registry`; a plain adapter folder is version 1), its current
+    version when `ref` names none."""
+    if (root / ref.name).resolve().parent != root.resolve():
         return None
-    version = registry.current(str(root), name)
-    return Path(version.uri) if version else None
+    if ref.version is None:
+        return registry.current(str(root), ref.name)
+    return registry.version(str(root), ref.name, ref.version)
 
 
-def resolve(cfg: ServeSection, name: str) -> Path:
-    """The folder of adapter `name`, or UnknownAdapter."""
-    if not ADAPTER_NAME.match(name):
-        raise UnknownAdapter(f"{name[:80]!r} is not a valid adapter name (1-64 letters, digits, '.', '_' or '-')")
+def resolve(cfg: ServeSection, key: str) -> Path:
+    """The folder of adapter `key` (`NAME` or `NAME@VERSION`), or UnknownAdapter."""
+    ref = parse(key)
+    name = ref.name
     if name in cfg.adapters:
+        if ref.version is not None:
+            raise UnknownAdapter(f"adapter {name!r} is set in serve.adapters, which has no versions; ask for {name!r}")
         folder = (
             _fetched(name, cfg.adapters[name]) if storage.is_remote(cfg.adapters[name]) else Path(cfg.adapters[name])
         )
         if not is_adapter_folder(folder):
             raise UnknownAdapter(f"adapter {name!r}: {folder} has no {CONFIG} + {WEIGHTS}")
         return folder
-    if cfg.adapter_root and (folder := _in_root(Path(cfg.adapter_root), name)):
-        return folder
+    if cfg.adapter_root and (found := _in_root(Path(cfg.adapter_root), ref)):
+        return Path(found.uri)
+    if ref.version is not None and name in names(cfg):
+        kept = ", ".join(str(v.number) for v in registry.versions(cfg.adapter_root, name))
+        raise UnknownAdapter(f"adapter {name!r} has no version {ref.version}; its versions: {kept}")
     raise UnknownAdapter(f"no adapter named {name!r}; available: {', '.join(names(cfg)) or 'none'}")
+
+
+class CurrentVersions:
+    """Which version each registry name means, as an API replica sees it: read again once older than
+    `serve.registry_poll_s`, so a publish or rollback is served within that time, and every request
+    after it is sent to the new version's key while requests already sent finish on theirs."""
+
+    def __init__(self, cfg: ServeSection):
+        self.cfg = cfg
+        self.seen: dict[str, tuple[int, float]] = {}  # name -> (version, when read)
+
+    def ref(self, model: str) -> Ref:
+        """The adapter and version that answer `model` (`NAME` or `NAME@VERSION`), or UnknownAdapter."""
+        ref = parse(model)
+        if ref.version is not None or ref.name in self.cfg.adapters:
+            resolve(self.cfg, ref.key)
+            return ref
+        seen = self.seen.get(ref.name)
+        now = time.monotonic()
+        if seen is None or now - seen[1] >= self.cfg.registry_poll_s:
+            found = _in_root(Path(self.cfg.adapter_root), ref) if self.cfg.adapter_root else None
+            if found is None:
+                raise UnknownAdapter(
+                    f"no adapter named {ref.name!r}; available: {', '.join(names(self.cfg)) or 'none'}"
+                )
+            seen = self.seen[ref.name] = (found.number, now)
+        return Ref(ref.name, seen[0])
+
+    def listing(self) -> list[Ref]:
+        """Every servable adapter with the version a request for its name gets now."""
+        out = []
+        for name in names(self.cfg):
+            try:
+                out.append(self.ref(name))
+            except UnknownAdapter:  # removed since it was listed
+                continue
+        return out
 
 
 def _fetched(name: str, uri: str) -> Path:
@@ -68,7 +147,7 @@ def names(cfg: ServeSection) -> list[str]:
     found = [name for name, path in cfg.adapters.items() if storage.is_remote(path) or is_adapter_folder(Path(path))]
     root = Path(cfg.adapter_root) if cfg.adapter_root else None
     if root and root.is_dir():
-        found += [name for name in registry.names(str(root)) if name not in found and _in_root(root, name)]
+        found += [name for name in registry.names(str(root)) if name not in found and _in_root(root, Ref(name))]
     return found
 
 

@@ -6,13 +6,15 @@ and hands the request to an engine replica chosen by Serve for the adapter
 (`multiplexed_model_id`).
 """
 
+from __future__ import annotations
+
 import asyncio
 import hmac
 import json
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,10 +33,12 @@ from serve import adapters, protocol
 from serve import metrics as gateway_metrics
 from serve.adapters import AdapterLoadError
 from serve.contract import EngineReplica
-from serve.generation import GenRequest, Rejected
+from serve.drain import DrainWatch
+from serve.generation import EngineDead, GenRequest, Rejected
 
 log = logging.getLogger("ray.serve")
 MAX_BODY_BYTES = 2 * 1024**2
+VERSION_HEADER = "X-Lorafleet-Adapter-Version"  # the adapter version that answered
 ROUTES = "/v1/completions, /v1/chat/completions, /v1/models, /metrics, /healthz"
 FALLBACK_CONTEXT = 2048  # models that state no context size (T5's relative positions)
 
@@ -89,6 +93,29 @@ def _describe(errors) -> str:
     return "; ".join(parts)
 
 
+@dataclass(frozen=True)
+class Answering:
+    """Who answers a request: the model as metrics name it, its version ("": none), the engines' key ("": the
+    base). Clients see the key as `system_fingerprint` and the version in a header."""
+
+    model: str
+    version: str
+    key: str
+
+    @classmethod
+    def of(cls, ref: adapters.Ref | None, base_name: str) -> Answering:
+        if ref is None:
+            return cls(base_name, "", "")
+        return cls(ref.name, "" if ref.version is None else str(ref.version), ref.key)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.key or self.model
+
+    def headers(self) -> dict[str, str]:
+        return {VERSION_HEADER: self.version} if self.version else {}
+
+
 def base_model_name(run: RunConfig) -> str:
     return run.serve.model_name or run.model.name.rstrip("/").split("/")[-1]
 
@@ -109,6 +136,7 @@ class Gateway:
     ):
         run = RunConfig.model_validate(run)
         self.engine, self.cfg = engine, run.serve
+        self.versions = adapters.CurrentVersions(run.serve)
         self.metrics = gateway_metrics.start(engine_name)
         self.prompting = Prompting.load(run.model)
         self.context = context_length(run, self.prompting.tokenizer)
@@ -116,9 +144,12 @@ class Gateway:
         self.system_prompt = run.data.system_prompt
         self.api_key = api_key or os.environ.get(run.serve.api_key_env) or None
         self.slots = asyncio.Semaphore(run.serve.max_concurrent_requests)
+        self.accepted = 0  # requests past _enter and not yet left: what a drain waits for
+        self.drain = DrainWatch(run.serve.name, lambda: self.accepted)
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
+        self._refuse_when_draining()  # load balancers take a stopping server out of rotation
         return {"status": "ok"}
 
     @api.get("/metrics")
@@ -129,27 +160,25 @@ class Gateway:
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self._authorize(request)
-        names = [self.base_name, *adapters.names(self.cfg)]
-        return {
-            "object": "list",
-            "data": [
-                {"id": n, "object": "model", "created": 0, "owned_by": "lorafleet", "root": self.base_name}
-                for n in names
-            ],
-        }
+        base = {"id": self.base_name, "object": "model", "created": 0, "owned_by": "lorafleet", "root": self.base_name}
+        served = [
+            {**base, "id": ref.name, "version": ref.version, "parent": self.base_name}
+            for ref in self.versions.listing()
+        ]
+        return {"object": "list", "data": [base, *served]}
 
     @api.post("/v1/completions")
-    async def completions(self, request: Request):
+    async def completions(self, request: Request, response: Response):
         self._authorize(request)
         body = await self._parse(request, protocol.CompletionRequest)
         prompt_ids = self.prompting.tokenizer(body.prompt, add_special_tokens=True)["input_ids"]
-        return await self._answer(body, prompt_ids, chat=False)
+        return await self._answer(body, prompt_ids, False, response)
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request):
+    async def chat_completions(self, request: Request, response: Response):
         self._authorize(request)
         body = await self._parse(request, protocol.ChatRequest)
-        return await self._answer(body, self._chat_prompt(body), chat=True)
+        return await self._answer(body, self._chat_prompt(body), True, response)
 
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -200,16 +229,15 @@ class Gateway:
         except Exception as exc:  # templates may refuse role orders (e.g. two system messages)
             raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages") from None
 
-    def _adapter(self, model: str) -> str | None:
+    def _adapter(self, model: str) -> adapters.Ref | None:
         if model == self.base_name:
             return None
         try:
-            adapters.resolve(self.cfg, model)
+            return self.versions.ref(model)
         except adapters.UnknownAdapter as exc:
             raise ApiError(
                 404, f"{exc}; base model: {self.base_name!r}", param="model", code="model_not_found"
             ) from None
-        return model
 
     def _limits(self, body: protocol.Sampling, prompt_tokens: int) -> int:
         max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
@@ -234,56 +262,58 @@ class Gateway:
             )
         return max_tokens
 
-    async def _answer(self, body: protocol.Sampling, prompt_ids: list[int], chat: bool):
-        arrived = time.perf_counter()
-        adapter = self._adapter(body.model)
+    def _gen_request(self, body: protocol.Sampling, prompt_ids: list[int], by: Answering) -> dict:
         if not prompt_ids:
             raise ApiError(400, "the prompt encodes to no tokens; send some text", param="prompt")
-        max_tokens = self._limits(body, len(prompt_ids))
-        gen = asdict(
-            GenRequest(
-                prompt_ids=prompt_ids,
-                max_tokens=max_tokens,
-                adapter=adapter,
-                temperature=body.temperature,
-                top_p=body.top_p,
-                stop=body.stop or [],
-                seed=body.seed,
-                n=body.n,
-                logprobs=body.top_logprobs_wanted(),
-                response_format=body.structured(),
-            )
+        request = GenRequest(
+            prompt_ids=prompt_ids,
+            max_tokens=self._limits(body, len(prompt_ids)),
+            adapter=by.key or None,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=body.stop or [],
+            seed=body.seed,
+            n=body.n,
+            logprobs=body.top_logprobs_wanted(),
+            response_format=body.structured(),
         )
+        return asdict(request)
+
+    async def _answer(self, body: protocol.Sampling, prompt_ids: list[int], chat: bool, response: Response):
+        arrived = time.perf_counter()
+        by = Answering.of(self._adapter(body.model), self.base_name)
+        gen = self._gen_request(body, prompt_ids, by)
         await self._enter()
         try:
             if body.stream:
                 stream, first = await self._engine_call(
-                    lambda: self._open_stream(gen, adapter)
+                    lambda: self._open_stream(gen, by.key)
                 )  # adapter errors still become a 4xx here
                 return StreamingResponse(
-                    self._events(stream, first, body, len(prompt_ids), chat, arrived),
+                    self._events(stream, first, body, len(prompt_ids), chat, arrived, by),
                     media_type="text/event-stream",
-                    headers={"Cache-Control": "no-cache"},
+                    headers={"Cache-Control": "no-cache", **by.headers()},
                 )
             result = await self._engine_call(
-                lambda: self.engine.options(multiplexed_model_id=adapter or "").complete.remote(gen)
+                lambda: self.engine.options(multiplexed_model_id=by.key).complete.remote(gen)
             )
         except BaseException:
             self._leave()
-            self.metrics.failed(body.model)
+            self.metrics.failed(by.model, by.version)
             raise
         self._leave()
         total = time.perf_counter() - arrived
         tokens = sum(c["completion_tokens"] for c in result["choices"])
         first_token_s = total - result["engine_s"] + result["first_token_s"]  # the gateway's part + the engine's
-        self.metrics.answered(body.model, len(prompt_ids), tokens, first_token_s, total)
-        answer = protocol.completion(body.model, result["choices"], len(prompt_ids), chat)
+        self.metrics.answered(by.model, by.version, len(prompt_ids), tokens, first_token_s, total)
+        response.headers.update(by.headers())
+        answer = protocol.completion(body.model, result["choices"], len(prompt_ids), chat, by.fingerprint)
         if body.return_token_ids:  # vLLM's extension: the ids the engine was given, to compare with training
             answer["prompt_token_ids"] = prompt_ids
         return answer
 
-    async def _open_stream(self, gen: dict, adapter: str | None):
-        stream = self.engine.options(stream=True, multiplexed_model_id=adapter or "").stream.remote(gen)
+    async def _open_stream(self, gen: dict, key: str):
+        stream = self.engine.options(stream=True, multiplexed_model_id=key).stream.remote(gen)
         return stream, await stream.__anext__()
 
     async def _engine_call(self, call):
@@ -313,8 +343,12 @@ class Gateway:
             raise ApiError(400, str(exc), param="model", code="model_not_loadable") from None
         except Rejected as exc:
             raise ApiError(400, str(exc)) from None
+        except EngineDead as exc:  # its replica fails the health check and Serve replaces it
+            raise ApiError(503, f"{exc}; retry it", "server_error", code="engine_dead") from None
 
-    async def _events(self, stream, first, body: protocol.Sampling, prompt_tokens: int, chat: bool, arrived: float):
+    async def _events(
+        self, stream, first, body: protocol.Sampling, prompt_tokens: int, chat: bool, arrived: float, by: Answering
+    ):
         stream_id = protocol.new_id("chatcmpl" if chat else "cmpl")
         with_usage = body.include_usage()
         opened: set[int] = set()
@@ -326,7 +360,14 @@ class Gateway:
             while True:
                 offset = offsets.get(delta.index, 0)
                 yield protocol.chunk(
-                    stream_id, body.model, delta, chat, delta.index not in opened, with_usage, text_offset=offset
+                    stream_id,
+                    body.model,
+                    delta,
+                    chat,
+                    delta.index not in opened,
+                    with_usage,
+                    text_offset=offset,
+                    fingerprint=by.fingerprint,
                 )
                 opened.add(delta.index)
                 offsets[delta.index] = offset + sum(len(e["token"]) for e in delta.logprobs or [])
@@ -336,17 +377,29 @@ class Gateway:
                 except StopAsyncIteration:
                     break
             if with_usage:
-                yield protocol.usage_chunk(stream_id, body.model, chat, prompt_tokens, sum(tokens.values()))
+                yield protocol.usage_chunk(
+                    stream_id, body.model, chat, prompt_tokens, sum(tokens.values()), by.fingerprint
+                )
             yield protocol.DONE
             total = time.perf_counter() - arrived
-            self.metrics.answered(body.model, prompt_tokens, sum(tokens.values()), first_token_s, total)
+            self.metrics.answered(by.model, by.version, prompt_tokens, sum(tokens.values()), first_token_s, total)
         except Exception as exc:  # the status line is sent already: report in-band, as OpenAI does
-            self.metrics.failed(body.model)
+            self.metrics.failed(by.model, by.version)
             yield protocol.error_event(f"generation failed: {type(exc).__name__}")
         finally:
             self._leave()
 
+    def _refuse_when_draining(self) -> None:
+        if self.drain.draining:
+            raise ApiError(
+                503,
+                "this server is shutting down and takes no new requests; retry, another replica will answer",
+                "server_error",
+                code="shutting_down",
+            )
+
     async def _enter(self) -> None:
+        self._refuse_when_draining()
         if self.cfg.overload == "reject" and self.slots.locked():
             raise ApiError(
                 429,
@@ -356,12 +409,17 @@ class Gateway:
                 code="too_many_requests",
             )
         self.metrics.waiting.inc()
+        self.accepted += 1
         try:
             await self.slots.acquire()
+        except BaseException:
+            self.accepted -= 1
+            raise
         finally:
             self.metrics.waiting.dec()
         self.metrics.in_flight.inc()
 
     def _leave(self) -> None:
+        self.accepted -= 1
         self.metrics.in_flight.dec()
         self.slots.release()

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +19,7 @@ from ray.serve import Application
 from jobs import adapter, cluster
 from jobs.config import ConfigError, RunConfig, as_json, with_absolute_paths
 from jobs.model import load_tokenizer, model_kind
-from serve import adapters
+from serve import adapters, drain
 from serve.api import Gateway, base_model_name
 from serve.choice import EngineChoice, choose
 from serve.engine import Engine
@@ -66,12 +64,14 @@ def application(run: RunConfig, choice: EngineChoice | None = None) -> Applicati
         autoscaling_config=autoscaling(run),
         max_ongoing_requests=s.max_ongoing_requests,
         ray_actor_options=_actor_options(s.replica_resources),
+        graceful_shutdown_timeout_s=s.drain_timeout_s,
     ).bind(raw)
     api_key = s.api_key.get_secret_value() if s.api_key else None
     return Gateway.options(
         num_replicas=s.api_replicas,
         max_ongoing_requests=s.max_concurrent_requests + GATEWAY_HEADROOM,
         ray_actor_options={"num_cpus": 0},
+        graceful_shutdown_timeout_s=s.drain_timeout_s,
     ).bind(engine, raw, choice.name, api_key)
 
 
@@ -136,6 +136,9 @@ def deploy(run: RunConfig) -> Deployed:
     """Start Serve (embedded Ray without an address) and deploy."""
     choice = check(run)
     cluster.connect(run.ray.address)
+    if embedded(run):  # this process stops the app: on SIGTERM it drains first (serve.drain)
+        drain.take_sigterm()
+        drain.create(run.serve.name)
     serve.start(http_options={"host": run.serve.host, "port": run.serve.port})
     serve.run(application(run, choice), name=run.serve.name, route_prefix=run.serve.route_prefix)
     return Deployed(endpoint(run), choice)
@@ -154,11 +157,6 @@ def embedded(run: RunConfig) -> bool:
     return not cluster.joins_cluster(run.ray.address)
 
 
-def wait_forever() -> None:
-    """Keep an embedded Ray (and with it the app) alive until Ctrl-C."""
-    sys.stdout.flush()  # the endpoint must show in a redirected log while the process waits
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+def serve_until_stopped(run: RunConfig) -> None:
+    """Keep an embedded Ray (and with it the app) up until SIGTERM or Ctrl-C, then drain and stop."""
+    drain.serve_until_stopped(run.serve.name, run.serve.drain_timeout_s)

@@ -18,7 +18,8 @@ class EngineReplica(Protocol):
     def stream(self, request: dict) -> AsyncIterator[Delta]:
         """New text of one request's choices as it is generated; a choice's last Delta carries finish_reason.
         Raises what the gateway answers with a 4xx: UnknownAdapter, AdapterLoadError (the request's adapter
-        cannot be loaded) or Rejected (the engine refuses the request)."""
+        cannot be loaded) or Rejected (the engine refuses the request); or EngineDead (a 503), after which
+        Serve's health check (`check_health`) fails until the replica is replaced."""
         ...
 
     async def complete(self, request: dict) -> dict:
@@ -26,7 +27,8 @@ class EngineReplica(Protocol):
         ...
 
     async def load_adapter(self, name: str) -> Any:
-        """Adapter `name` made usable by `stream`; returns what the engine needs to use it later (its own type)."""
+        """Adapter key `name` (`NAME@VERSION`, or `NAME` of serve.adapters: `serve.adapters.Ref`) made usable by
+        `stream`, as weights of its own that no other key shares; returns what the engine needs to use it later."""
         ...
 
     def unload_adapter(self, name: str, lora: Any) -> None:

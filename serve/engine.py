@@ -31,6 +31,7 @@ from serve import adapters, replica
 from serve.adapters import AdapterLoadError, check_fits
 from serve.generation import (
     Delta,
+    EngineDead,
     GenRequest,
     LogprobCapture,
     Progress,
@@ -42,6 +43,14 @@ from serve.grammar import Grammars
 
 log = logging.getLogger("ray.serve")
 _END = object()
+FATAL_MARKS = ("CUDA error", "device-side assert", "CUBLAS_STATUS_", "CUDNN_STATUS_")  # errors that poison the context
+
+
+def _fatal(exc: Exception) -> bool:
+    """A device error after which no generate can succeed (out-of-memory is not one: the next batch may fit)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    return isinstance(exc, torch.AcceleratorError) or any(mark in str(exc) for mark in FATAL_MARKS)
 
 
 def serving_run(run: RunConfig) -> RunConfig:
@@ -64,6 +73,7 @@ class Engine:
         self.eos = eos_token_ids(self.model, self.prompting.tokenizer)
         self.grammars = Grammars(self.prompting.tokenizer, self.model.config.vocab_size)
         self.lock = threading.Lock()
+        self.dead: str | None = None  # why the engine can generate no more (a CUDA error poisons the context)
         self.adapter = replica.adapter_cache(self, run.serve.max_adapters_per_replica)
         self.generate_batch.set_max_batch_size(run.serve.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(run.serve.batch_wait_timeout_s)
@@ -116,6 +126,8 @@ class Engine:
     async def stream(self, request: dict) -> AsyncIterator[Delta]:
         """New text of one request's choices as it is generated; a choice's last Delta carries finish_reason."""
         req = GenRequest(**request)
+        if self.dead:
+            raise EngineDead(self.dead)
         if req.adapter:
             await self.adapter(req.adapter)
         # n choices are n rows of the same batch (one sampling key, so one generate call)
@@ -126,6 +138,11 @@ class Engine:
                 yield delta
 
     complete = replica.complete
+
+    def check_health(self) -> None:
+        """Serve replaces the replica once its device has failed."""
+        if self.dead:
+            raise EngineDead(self.dead)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)  # replaced from the config in __init__
     async def generate_batch(self, requests: list[GenRequest]) -> AsyncIterator[list]:
@@ -170,6 +187,9 @@ class Engine:
                 put(progress.close())
                 put(_END)
             except Exception as exc:  # delivered to every request of the group
+                if _fatal(exc):
+                    self.dead = f"the model's device failed: {type(exc).__name__}: {str(exc)[:200]}"
+                    exc = EngineDead(self.dead)
                 put(exc)
 
         worker = loop.run_in_executor(None, work)

@@ -35,6 +35,10 @@ class Rejected(ValueError):
     """The engine refused a request the gateway let through (a 400 with the engine's reason)."""
 
 
+class EngineDead(RuntimeError):
+    """The replica's engine can generate no more (a 503; the replica fails its health check and is replaced)."""
+
+
 @dataclass(kw_only=True)  # by name only: several fields share a type, so a wrong position would pass unnoticed
 class GenRequest:
     prompt_ids: list[int]

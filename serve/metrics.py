@@ -20,8 +20,8 @@ class GatewayMetrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "lorafleet_requests",
-            "Generation requests by model (base or adapter) and outcome.",
-            ["model", "outcome"],
+            "Generation requests by model (base or adapter), adapter version (empty: none) and outcome.",
+            ["model", "version", "outcome"],
             registry=r,
         )
         self.refused = Counter(
@@ -60,8 +60,10 @@ class GatewayMetrics:
             engine
         ).set(1)
 
-    def answered(self, model: str, prompt_tokens: int, tokens: int, first_token_s: float, total_s: float) -> None:
-        self.requests.labels(model, "ok").inc()
+    def answered(
+        self, model: str, version: str, prompt_tokens: int, tokens: int, first_token_s: float, total_s: float
+    ) -> None:
+        self.requests.labels(model, version, "ok").inc()
         self.prompt_tokens.labels(model).inc(prompt_tokens)
         self.tokens.labels(model).inc(tokens)
         self.ttft.labels(model).observe(first_token_s)
@@ -70,8 +72,8 @@ class GatewayMetrics:
         if total_s > 0:
             self.rate.labels(model).observe(tokens / total_s)
 
-    def failed(self, model: str) -> None:
-        self.requests.labels(model, "error").inc()
+    def failed(self, model: str, version: str) -> None:
+        self.requests.labels(model, version, "error").inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -258,7 +258,7 @@ def text_logprobs(entries: list[dict] | None, offset: int = 0) -> dict | None:
     }
 
 
-def completion(model: str, choices: list[dict], prompt_tokens: int, chat: bool) -> dict:
+def completion(model: str, choices: list[dict], prompt_tokens: int, chat: bool, fingerprint: str | None = None) -> dict:
     """A whole answer; `choices` as the engines' `complete` returns them."""
     if chat:
         out = [
@@ -287,6 +287,7 @@ def completion(model: str, choices: list[dict], prompt_tokens: int, chat: bool) 
         "object": kind,
         "created": int(time.time()),
         "model": model,
+        "system_fingerprint": fingerprint,  # the adapter version that answered: NAME@VERSION
         "choices": out,
         "usage": usage(prompt_tokens, sum(c["completion_tokens"] for c in choices)),
     }
@@ -300,9 +301,15 @@ def chunk(
     first: bool = False,
     with_usage: bool = False,
     text_offset: int = 0,
+    fingerprint: str | None = None,
 ) -> str:
     """One server-sent event of a streamed answer; `delta` is an engine's Delta."""
-    body: dict[str, Any] = {"id": stream_id, "created": int(time.time()), "model": model}
+    body: dict[str, Any] = {
+        "id": stream_id,
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": fingerprint,
+    }
     text, finish, index = delta.text, delta.finish, delta.index
     if chat:
         message = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
@@ -321,13 +328,16 @@ def chunk(
     return f"data: {json.dumps(body)}\n\n"
 
 
-def usage_chunk(stream_id: str, model: str, chat: bool, prompt_tokens: int, completion_tokens: int) -> str:
+def usage_chunk(
+    stream_id: str, model: str, chat: bool, prompt_tokens: int, completion_tokens: int, fingerprint: str | None = None
+) -> str:
     """The extra last event of stream_options.include_usage: no choices, the request's usage."""
     body = {
         "id": stream_id,
         "object": "chat.completion.chunk" if chat else "text_completion",
         "created": int(time.time()),
         "model": model,
+        "system_fingerprint": fingerprint,
         "choices": [],
         "usage": usage(prompt_tokens, completion_tokens),
     }

