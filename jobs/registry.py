@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class Version:
     uri: str  # the version's folder
     published: str  # ISO time, UTC
     lineage: dict[str, Any]
+    gate: dict[str, Any] = field(default_factory=dict)  # an evaluation gate's decision (lorafleet pipeline)
 
 
 def _fs(registry: str) -> tuple[pafs.FileSystem, str]:
@@ -103,7 +104,9 @@ def _version(fs: pafs.FileSystem, registry: str, home: str, number: int) -> Vers
         return Version(LEGACY, _uri(registry, home), published, {})
     folder = f"{home}/{VERSIONS}/{number}"
     meta = _read_json(fs, f"{folder}/{VERSION_FILE}")
-    return None if meta is None else Version(number, _uri(registry, folder), meta["published"], meta.get("lineage", {}))
+    if meta is None:
+        return None
+    return Version(number, _uri(registry, folder), meta["published"], meta.get("lineage", {}), meta.get("gate", {}))
 
 
 def _numbers(fs: pafs.FileSystem, home: str) -> list[int]:

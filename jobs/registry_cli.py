@@ -58,7 +58,8 @@ def list_versions(
     registry_uri: RegistryArg,
     name: Annotated[str | None, typer.Argument(help="Only this adapter.", show_default=False)] = None,
 ) -> None:
-    """Every version, the current one marked, with when it was published and the run that trained it."""
+    """Every version, the current one marked, with when it was published, the run that trained it and, for a
+    pipeline's version, the evaluation gate's decision."""
     try:
         chosen = [name] if name else registry.names(registry_uri)
         for each in chosen:
@@ -68,8 +69,9 @@ def list_versions(
                 lineage = version.lineage
                 where = f"  run {lineage['run']}" if lineage.get("run") else ""
                 metrics = f"  {json.dumps(lineage['metrics'])}" if lineage.get("metrics") else ""
+                gate = f"  gate: {version.gate['reason']}" if version.gate else ""
                 results.print(
-                    f"{mark} {each}@{version.number}  {version.published}{where}{metrics}",
+                    f"{mark} {each}@{version.number}  {version.published}{where}{metrics}{gate}",
                     highlight=False,
                     markup=False,
                 )
