@@ -1,6 +1,8 @@
-"""`lorafleet serve` stops cleanly: SIGTERM with requests in flight lets them finish, refuses new ones with a 503
-in OpenAI's format, and exits 0 with a log line per step (a real process, its embedded Ray and Serve)."""
+"""`lorafleet serve` stops cleanly: SIGTERM (Kubernetes) or Ctrl-C with requests in flight lets them finish,
+refuses new ones with a 503 in OpenAI's format, and exits 0 with a log line per step (a real process, its embedded
+Ray and Serve)."""
 
+import os
 import shutil
 import signal
 import subprocess
@@ -52,7 +54,16 @@ def _in_flight(base: str) -> float:
     return next(float(line.split()[-1]) for line in lines if line.startswith("lorafleet_requests_in_flight "))
 
 
-def test_sigterm_drains_requests_in_flight_refuses_new_ones_and_exits_0(tiny_causal, tmp_path):
+def _sigterm(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)  # what Kubernetes sends the container's process
+
+
+def _ctrl_c(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group, Ray's processes too
+
+
+@pytest.mark.parametrize("stop", [_sigterm, _ctrl_c], ids=["sigterm", "ctrl-c"])
+def test_a_stop_signal_drains_requests_in_flight_refuses_new_ones_and_exits_0(tiny_causal, tmp_path, stop):
     port = free_port()
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump({
@@ -75,7 +86,7 @@ def test_sigterm_drains_requests_in_flight_refuses_new_ones_and_exits_0(tiny_cau
             while _in_flight(base) < IN_FLIGHT and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert _in_flight(base) == IN_FLIGHT and not any(a.done() for a in answers), "the requests were not in flight"
-            process.send_signal(signal.SIGTERM)
+            stop(process)
             deadline = time.monotonic() + 30
             while httpx.get(f"{base}/healthz", timeout=10).status_code == 200 and time.monotonic() < deadline:
                 time.sleep(0.05)

@@ -11,6 +11,7 @@ from jobs import registry
 from jobs.config import load_config
 from serve import adapters
 from serve.api import Answering
+from serve.app import application
 from serve.engine import Engine, _fatal
 from jobs.model import load_base
 from jobs.prompting import Prompting
@@ -120,3 +121,13 @@ def test_an_hf_engine_whose_device_failed_fails_its_health_check_and_refuses_req
 
     with pytest.raises(EngineDead):
         asyncio.run(asyncio.wait_for(first_delta(), 5))
+
+
+def test_serve_deploy_apps_get_the_drain_timeout_as_serves_graceful_shutdown(tiny_causal):
+    """Apps that `lorafleet serve` does not stop itself (serve deploy, a cluster) drain through Serve: a replica it
+    stops finishes its requests for up to serve.drain_timeout_s."""
+    run = load_config(None, [f"model.name={tiny_causal}", "serve.drain_timeout_s=45", "serve.engine=hf"])
+    gateway = application(run)._bound_deployment
+    engine = gateway.init_args[0]._bound_deployment
+    for deployment in (gateway, engine):
+        assert deployment._deployment_config.graceful_shutdown_timeout_s == 45, deployment.name
