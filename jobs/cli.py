@@ -229,7 +229,6 @@ def pipeline(config: ConfigOption = None, overrides: Overrides = None, keep_serv
     from ray.train import TrainingFailedError
 
     from jobs.pipeline import PipelineFailed
-    from jobs.storage import is_remote
     from jobs.pipeline import pipeline as run_pipeline
     from serve import app as serve_app
 
@@ -249,7 +248,7 @@ def pipeline(config: ConfigOption = None, overrides: Overrides = None, keep_serv
         if not keep_serving:
             again = (
                 f"serve.adapter_root={run.promote.registry}"
-                if outcome.gate and not is_remote(run.promote.registry)
+                if outcome.gate
                 else f"serve.adapters.{outcome.adapter_name}={outcome.adapter}"
             )
             console.print(

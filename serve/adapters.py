@@ -1,6 +1,6 @@
 """Where served adapters come from: named folders or s3:// / gs:// URIs in the config (a URI is
 fetched into the replica's local cache on first use), or the versions of each adapter in a
-registry folder (`jobs.registry`; a new name is servable at once).
+registry (`jobs.registry`: a folder, or s3:// / gs:// fetched the same way; a new name is servable at once).
 
 Engines load an adapter by key: `NAME@VERSION` for a registry version, `NAME` for a configured
 adapter (it has no versions). A version's files never change, so a key always means the same
@@ -65,14 +65,28 @@ def exists(path: str) -> bool:
     return storage.has_files(path, (CONFIG, WEIGHTS)) if storage.is_remote(path) else is_adapter_folder(Path(path))
 
 
-def _in_root(root: Path, ref: Ref) -> registry.Version | None:
-    """`ref`'s version in the registry folder (`jobs.registry`; a plain adapter folder is version 1), its current
-    version when `ref` names none."""
-    if (root / ref.name).resolve().parent != root.resolve():
+def _in_root(root: str, ref: Ref) -> registry.Version | None:
+    """`ref`'s version in the registry (`jobs.registry`; a plain adapter folder is version 1), its current version
+    when `ref` names none. On an object store a valid name is one key component, so it cannot leave the registry."""
+    if not storage.is_remote(root) and (Path(root) / ref.name).resolve().parent != Path(root).resolve():
         return None
     if ref.version is None:
-        return registry.current(str(root), ref.name)
-    return registry.version(str(root), ref.name, ref.version)
+        return registry.current(root, ref.name)
+    return registry.version(root, ref.name, ref.version)
+
+
+_fetched_versions: dict[str, Path] = {}  # a remote version's local copy: a numbered version's files never change
+
+
+def _local_copy(name: str, version: registry.Version) -> Path:
+    if not storage.is_remote(version.uri):
+        return Path(version.uri)
+    if version.uri in _fetched_versions:
+        return _fetched_versions[version.uri]
+    folder = _fetched(name, version.uri)
+    if version.number != registry.LEGACY:  # a plain folder may be replaced in place: fetch checks it each time
+        _fetched_versions[version.uri] = folder
+    return folder
 
 
 def resolve(cfg: ServeSection, key: str) -> Path:
@@ -88,8 +102,8 @@ def resolve(cfg: ServeSection, key: str) -> Path:
         if not is_adapter_folder(folder):
             raise UnknownAdapter(f"adapter {name!r}: {folder} has no {CONFIG} + {WEIGHTS}")
         return folder
-    if cfg.adapter_root and (found := _in_root(Path(cfg.adapter_root), ref)):
-        return Path(found.uri)
+    if cfg.adapter_root and (found := _in_root(cfg.adapter_root, ref)):
+        return _local_copy(name, found)
     if ref.version is not None and name in names(cfg):
         kept = ", ".join(str(v.number) for v in registry.versions(cfg.adapter_root, name))
         raise UnknownAdapter(f"adapter {name!r} has no version {ref.version}; its versions: {kept}")
@@ -114,7 +128,7 @@ class CurrentVersions:
         seen = self.seen.get(ref.name)
         now = time.monotonic()
         if seen is None or now - seen[1] >= self.cfg.registry_poll_s:
-            found = _in_root(Path(self.cfg.adapter_root), ref) if self.cfg.adapter_root else None
+            found = _in_root(self.cfg.adapter_root, ref) if self.cfg.adapter_root else None
             if found is None:
                 raise UnknownAdapter(
                     f"no adapter named {ref.name!r}; available: {', '.join(names(self.cfg)) or 'none'}"
@@ -145,9 +159,9 @@ def names(cfg: ServeSection) -> list[str]:
     subfolders.
     """
     found = [name for name, path in cfg.adapters.items() if storage.is_remote(path) or is_adapter_folder(Path(path))]
-    root = Path(cfg.adapter_root) if cfg.adapter_root else None
-    if root and root.is_dir():
-        found += [name for name in registry.names(str(root)) if name not in found and _in_root(root, Ref(name))]
+    root = cfg.adapter_root
+    if root and (storage.is_remote(root) or Path(root).is_dir()):
+        found += [name for name in registry.names(root) if name not in found and _in_root(root, Ref(name))]
     return found
 
 

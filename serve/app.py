@@ -16,7 +16,7 @@ import yaml
 from ray import serve
 from ray.serve import Application
 
-from jobs import adapter, cluster
+from jobs import adapter, cluster, registry, storage
 from jobs.config import ConfigError, RunConfig, as_json, with_absolute_paths
 from jobs.model import load_tokenizer, model_kind
 from serve import adapters, drain
@@ -89,8 +89,14 @@ def check(run: RunConfig) -> EngineChoice:
         for name, path in run.serve.adapters.items()
         if not adapters.exists(path)
     ]
-    if run.serve.adapter_root and not os.path.isdir(run.serve.adapter_root):
-        problems.append(f"serve.adapter_root = {run.serve.adapter_root!r}: no such folder; create it or fix the path")
+    root = run.serve.adapter_root
+    if root and not storage.is_remote(root) and not os.path.isdir(root):
+        problems.append(f"serve.adapter_root = {root!r}: no such folder; create it or fix the path")
+    elif root and storage.is_remote(root):
+        try:
+            registry.names(root)
+        except OSError as exc:
+            problems.append(f"serve.adapter_root = {root!r}: cannot be read ({exc}); check the URI and credentials")
     if problems:
         raise ConfigError(problems, "serve")
     model_kind(run.model)

@@ -74,6 +74,30 @@ def test_serve_resolves_a_remote_adapter(s3, tmp_path):
     assert adapters.exists(f"{uri}/adapter") and not adapters.exists(f"{s3}/runs/nothing/adapter")
 
 
+def test_serve_reads_adapter_versions_from_a_registry_on_s3(s3, tmp_path, tiny_causal):
+    """serve.adapter_root on an object store, what every replica of a cluster can read: names are listed, the
+    current version and a pinned one are fetched into the local cache, and a rollback is seen."""
+    from jobs import registry
+    from serve import adapters
+    from tests.serve_fixtures import make_adapter
+
+    store = f"{s3}/served-registry"
+    for seed in (1, 2):
+        registry.publish(store, "qa", make_adapter(tiny_causal, tmp_path / f"v{seed}", seed=seed))
+    cfg = load_config(None, [f"serve.adapter_root={store}", "serve.registry_poll_s=0"]).serve
+    assert cfg.adapter_root == store and adapters.names(cfg) == ["qa"]
+    current, pinned = adapters.resolve(cfg, "qa"), adapters.resolve(cfg, "qa@2")
+    assert str(current).startswith(os.environ["LORAFLEET_CACHE"]) and current != pinned
+    assert (current / adapters.WEIGHTS).read_bytes() == (tmp_path / "v2" / adapters.WEIGHTS).read_bytes()
+    assert (pinned / adapters.WEIGHTS).read_bytes() == (tmp_path / "v1" / adapters.WEIGHTS).read_bytes()
+    versions = adapters.CurrentVersions(cfg)
+    assert versions.ref("qa") == adapters.Ref("qa", 3)
+    registry.rollback(store, "qa")
+    assert versions.ref("qa") == adapters.Ref("qa", 2) and adapters.resolve(cfg, "qa") == pinned
+    with pytest.raises(adapters.UnknownAdapter, match="has no version 9; its versions: 2, 3"):
+        adapters.resolve(cfg, "qa@9")
+
+
 @pytest.mark.ray
 def test_pipeline_and_sweep_keep_everything_in_s3(s3, tiny_causal, tmp_path):
     import ray

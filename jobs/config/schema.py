@@ -210,7 +210,7 @@ class ServeSection(Section):
     route_prefix: str = Field("/", description="URL prefix of the API (routes are <prefix>v1/...).")
     model_name: str | None = Field(None, description="Name clients use for the base model without adapter; default: the model folder's or hub id's last part.")
     adapters: dict[str, str] = Field(default_factory=dict, description="Named adapters: {name: PEFT folder or s3:// / gs:// URI}, e.g. {squad: runs/squad-sweep/best/adapter}.")
-    adapter_root: str | None = Field(None, description="Adapter registry folder (`lorafleet registry`), or a folder of adapter folders (each is version 1); each name's current version is served, a name added there is servable without redeploying.")
+    adapter_root: str | None = Field(None, description="Adapter registry (`lorafleet registry`: a folder, s3:// or gs://), or a folder of adapter folders (each is version 1); each name's current version is served, a name added there is servable without redeploying.")
     registry_poll_s: float = Field(2.0, ge=0, description="How often an API replica reads each adapter's current version from adapter_root: a publish or rollback is served at most this long after it (0: read at every request).")
     max_adapters_per_replica: int = Field(8, gt=0, description="Adapters kept loaded per replica (least recently used is unloaded).")
     quantization: Literal["as_trained", "none", "4bit", "8bit"] = Field("as_trained", description="Base model precision in replicas; 'as_trained' uses quantization.mode.")

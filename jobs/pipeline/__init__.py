@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from jobs import registry, storage
+from jobs import storage
 from jobs.config import RunConfig, ServeSection, load_config
 from jobs.data import generation_prompt, held_out_examples
 from jobs.evaluation import run_eval
@@ -153,14 +153,10 @@ def pipeline(run: RunConfig) -> PipelineOutcome:
 
 def served_from(run: RunConfig, name: str, source: str, decision: GateDecision | None) -> ServeSection:
     """What the app serves under `name`: the adapter itself, or, behind the gate, the registry's current version
-    (a local registry is served as `serve.adapter_root`, so later publishes roll out; a remote one by the current
-    version's URI)."""
+    (the registry is `serve.adapter_root`, so later publishes and rollbacks roll out)."""
     if decision is None:
         return run.serve.model_copy(update={"adapters": {**run.serve.adapters, name: source}})
-    if not storage.is_remote(run.promote.registry):
-        return run.serve.model_copy(update={"adapter_root": run.promote.registry})
-    current = registry.current(run.promote.registry, name)
-    return run.serve.model_copy(update={"adapters": {**run.serve.adapters, name: current.uri}})
+    return run.serve.model_copy(update={"adapter_root": run.promote.registry})
 
 
 def smoke_summary(smoke: dict, name: str) -> str:
