@@ -4,8 +4,9 @@
 - Adapters load on first use through Serve's multiplexer (`serve.replica`: LRU,
   `max_adapters_per_replica`); Serve routes a request for an adapter to a replica that holds it.
 - `serve.batch` gathers concurrent requests; one `generate` call serves every request with the
-  same sampling settings, whatever their adapters: PEFT sends each row through its own adapter
-  (`adapter_names`), so rows of different adapters never see each other's weights.
+  same sampling settings, whatever their adapters: each row goes through its own adapter in one
+  batched op per layer (`serve.multi_lora`), so rows of different adapters never see each other's
+  weights, and a batch over 8 adapters costs about what one adapter's does.
 - `generate` and adapter (un)loading hold one lock: an adapter is never removed mid-forward.
 """
 
@@ -14,13 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from ray import serve
 
 from jobs import devices
@@ -40,6 +39,7 @@ from serve.generation import (
     merged,
 )
 from serve.grammar import Grammars
+from serve.multi_lora import MultiLora
 
 log = logging.getLogger("ray.serve")
 _END = object()
@@ -70,6 +70,7 @@ class Engine:
         self.device = devices.replica_device(run.serve.on_gpu)
         self.prompting = Prompting.load(run.model)
         self.model = load_base(serving_run(run), self.device, self.prompting.kind).eval()
+        self.lora = MultiLora(self.model, self.device)
         self.eos = eos_token_ids(self.model, self.prompting.tokenizer)
         self.grammars = Grammars(self.prompting.tokenizer, self.model.config.vocab_size)
         self.lock = threading.Lock()
@@ -94,34 +95,22 @@ class Engine:
             self._attach_locked(name, folder)
 
     def _attach_locked(self, name: str, folder: Path) -> None:
-        if isinstance(self.model, PeftModel) and name in self.model.peft_config:
+        if name in self.lora:
             return
-        check_fits(self.model, name, folder)  # PEFT injects layers before it loads weights: a misfit would stay behind
+        check_fits(self.model, name, folder)
         try:
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(str(folder), adapter_name=name)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
-        except Exception as exc:  # broken files, or what check_fits cannot see
-            self._drop_locked(name)
+            self.lora.load(name, folder)
+        except Exception as exc:  # broken files, a LoRA feature the op does not compute, or what check_fits cannot see
+            self.lora.unload(name)
             raise AdapterLoadError(
                 f"adapter {name!r} ({folder}) cannot be loaded on this base model: {type(exc).__name__}: {exc}"
             ) from None
-        self.model.eval()
         log.info("adapter %r loaded from %s", name, folder)
 
     def unload_adapter(self, name: str, lora: None) -> None:
         with self.lock:
-            self._drop_locked(name)
-
-    def _drop_locked(self, name: str) -> None:
-        if not isinstance(self.model, PeftModel) or name not in self.model.peft_config:
-            return
-        if len(self.model.peft_config) == 1:  # PEFT cannot delete its last adapter: go back to the bare base
-            self.model = self.model.unload()
-        else:
-            self.model.delete_adapter(name)
-        log.info("adapter %r unloaded", name)
+            self.lora.unload(name)
+            log.info("adapter %r unloaded", name)
 
     async def stream(self, request: dict) -> AsyncIterator[Delta]:
         """New text of one request's choices as it is generated; a choice's last Delta carries finish_reason."""
@@ -181,8 +170,8 @@ class Engine:
                         torch.manual_seed(group[0].seed)
                     fmt = group[0].response_format  # part of the sampling key: one per group
                     grammar = self.grammars.mask(fmt, progress.finished) if fmt else None
-                    with self._single_adapter(group) as mixed, torch.inference_mode():
-                        kwargs = generate_kwargs(group, self.prompting, self.device, progress, mixed, grammar)
+                    with self.lora.routing([r.adapter for r in group]), torch.inference_mode():
+                        kwargs = generate_kwargs(group, self.prompting, self.device, progress, grammar)
                         self.model.generate(**kwargs)
                 put(progress.close())
                 put(_END)
@@ -198,22 +187,6 @@ class Engine:
                 raise item
             yield item
         await worker
-
-    @contextmanager
-    def _single_adapter(self, group: list[GenRequest]) -> Iterator[bool]:
-        """One adapter (or none) for the whole group: activate it, which is faster than PEFT's
-        per-row routing; yields whether rows still need routing (`adapter_names`)."""
-        names = {r.adapter for r in group}
-        if not isinstance(self.model, PeftModel):
-            yield False
-        elif len(names) > 1:
-            yield True
-        elif (name := names.pop()) is None:
-            with self.model.disable_adapter():
-                yield False
-        else:
-            self.model.set_adapter(name)
-            yield False
 
     def _ensure_adapters(self, group: list[GenRequest]) -> None:
         """An adapter evicted between a request's arrival and its batch is loaded again."""

@@ -27,7 +27,6 @@ from transformers import (
 
 from jobs.prompting import Prompting
 
-BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 GREEDY_BELOW = 1e-3  # temperatures under this decode greedily
 
 
@@ -173,7 +172,6 @@ def generate_kwargs(
     prompting: Prompting,
     device,
     progress: Progress,
-    mixed_adapters: bool,
     grammar: LogitsProcessor | None = None,
 ) -> dict:
     """Arguments of one `model.generate` call for requests sharing a sampling key."""
@@ -200,8 +198,6 @@ def generate_kwargs(
         "pad_token_id": prompting.tokenizer.pad_token_id,
         "use_cache": True,
     }
-    if mixed_adapters:  # PEFT routes each row through its own adapter in the same forward pass
-        kwargs["adapter_names"] = [r.adapter or BASE for r in requests]
     return kwargs
 
 

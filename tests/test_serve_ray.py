@@ -432,11 +432,11 @@ def test_publish_and_rollback_roll_out_under_load_without_a_failed_request_and_a
     with ThreadPoolExecutor(8) as pool:
         clients = [pool.submit(client, i) for i in range(8)]
         time.sleep(2)
-        second = registry.publish(str(app["registry"]), "roll", folder).number
         published = time.monotonic()
+        second = registry.publish(str(app["registry"]), "roll", folder).number
         time.sleep(POLL_S + 3)
+        rolled_back = time.monotonic()  # before the write: a request sent after it may see the rollback already
         registry.rollback(str(app["registry"]), "roll")
-        rolled_back = time.monotonic()
         time.sleep(POLL_S + 3)
         stop.set()
         [c.result() for c in clients]

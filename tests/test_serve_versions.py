@@ -16,6 +16,7 @@ from serve.engine import Engine, _fatal
 from jobs.model import load_base
 from jobs.prompting import Prompting
 from serve.generation import EngineDead, GenRequest, eos_token_ids
+from serve.multi_lora import MultiLora
 from tests.serve_fixtures import make_adapter
 
 
@@ -99,6 +100,7 @@ def test_an_hf_engine_whose_device_failed_fails_its_health_check_and_refuses_req
     engine.model = load_base(run, torch.device("cpu"), engine.prompting.kind).eval()
     engine.eos = eos_token_ids(engine.model, engine.prompting.tokenizer)
     engine.device, engine.dead, engine.serve_cfg, engine.lock = torch.device("cpu"), None, run.serve, threading.Lock()
+    engine.lora = MultiLora(engine.model, engine.device)
     engine.check_health()
 
     def broken(**kwargs):

@@ -1,0 +1,164 @@
+"""Many LoRA adapters on one base model, each row of a batch through its own adapter in one batched op per layer.
+
+Every adapted linear layer of the base gets a forward hook that adds, for each row b,
+`x_b @ A[slot_b]^T @ B[slot_b]^T`, with A and B stacked over slots and ranks padded to the largest loaded
+(Punica's BGMV, in torch): a gather and two batched matmuls per layer, whatever the number of adapters in the
+batch. Slot 0 is no adapter: its matrices are zero, so a base row adds exactly zero, and a layer that an adapter
+does not adapt is zero in that adapter's slot. Loading an adapter fills a free slot, evicting it zeroes the slot.
+
+Written by hand because no maintained library does it for transformers' generate: PEFT's mixed-adapter path
+(`adapter_names`) runs one sub-batch per adapter per layer, tiny matmuls that made 8 mixed adapters 0.3x one on a
+CPU, and vLLM's CPU LoRA ops gather a full per-token matrix per layer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from jobs.adapter import CONFIG, WEIGHTS
+
+UNSUPPORTED = {  # adapter_config.json settings this op does not compute, and why
+    "use_dora": "DoRA rescales the base weight per adapter",
+    "modules_to_save": "it replaces whole modules",
+    "layer_replication": "it changes the base's layers",
+    "alpha_pattern": "per-module alphas",
+    "lora_bias": "LoRA biases",
+}
+
+
+class AdapterFormatError(ValueError):
+    """The adapter uses a LoRA feature the stacked op does not compute."""
+
+
+class _Stack:
+    """One layer's adapters: A [slots, rank, in] and B [slots, out, rank] (B carries the scaling)."""
+
+    def __init__(self, fan_in: int, fan_out: int, slots: int, device: torch.device):
+        self.A = torch.zeros(slots, 0, fan_in, device=device)
+        self.B = torch.zeros(slots, fan_out, 0, device=device)
+
+    def fit(self, slots: int, rank: int) -> None:
+        have_slots, have_rank = self.A.shape[0], self.A.shape[1]
+        if slots <= have_slots and rank <= have_rank:
+            return
+        slots, rank = max(slots, have_slots), max(rank, have_rank)
+        A = torch.zeros(slots, rank, self.A.shape[2], device=self.A.device)
+        B = torch.zeros(slots, self.B.shape[1], rank, device=self.B.device)
+        A[:have_slots, :have_rank], B[:have_slots, :, :have_rank] = self.A, self.B
+        self.A, self.B = A, B
+
+    def put(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.fit(slot + 1, a.shape[0])
+        self.clear(slot)
+        self.A[slot, : a.shape[0]] = a.to(self.A.device)
+        self.B[slot, :, : b.shape[1]] = b.to(self.B.device)
+
+    def clear(self, slot: int) -> None:
+        if slot < self.A.shape[0]:
+            self.A[slot].zero_()
+            self.B[slot].zero_()
+
+    def delta(self, x: torch.Tensor, rows: torch.Tensor, single: int | None) -> torch.Tensor:
+        """The adapters' sum for input `x` [batch, ..., in], row b through slot rows[b]."""
+        x = x.to(self.A.dtype)
+        if single is not None:  # every row on one adapter: two plain matmuls, no gather
+            return torch.nn.functional.linear(torch.nn.functional.linear(x, self.A[single]), self.B[single])
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        low = torch.bmm(flat, self.A[rows].transpose(1, 2))
+        return torch.bmm(low, self.B[rows].transpose(1, 2)).reshape(*x.shape[:-1], self.B.shape[1])
+
+
+class MultiLora:
+    """The adapters of one base model, by key, each in its own slot; `routing` sets each row's adapter for a
+    forward pass (or a whole `generate`)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.model, self.device = model, device
+        self.layers: dict[str, _Stack] = {}
+        self.slots: dict[str, int] = {}
+        self.rows: torch.Tensor | None = None
+        self.single: int | None = None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.slots
+
+    def load(self, name: str, folder: Path) -> None:
+        """Fill a free slot with the adapter in `folder` (PEFT's files); AdapterFormatError for what it cannot do."""
+        config = json.loads((folder / CONFIG).read_text())
+        used = [f"{key} ({why})" for key, why in UNSUPPORTED.items() if config.get(key)]
+        if config.get("peft_type", "LORA") != "LORA" or used:
+            raise AdapterFormatError(f"{config.get('peft_type')} with {', '.join(used) or 'another method'}")
+        pairs = _pairs(load_file(folder / WEIGHTS))
+        slot = min(set(range(1, len(self.slots) + 2)) - set(self.slots.values()))
+        try:
+            for path, (a, b) in pairs.items():
+                rank = a.shape[0]
+                alpha = config.get("lora_alpha", rank)
+                scaling = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+                self._stack(path, a.shape[1], b.shape[0]).put(slot, a.float(), b.float() * scaling)
+        except Exception:
+            self._clear(slot)  # a slot is all of one adapter or zero
+            raise
+        for stack in self.layers.values():  # layers this adapter leaves alone: a zero slot to gather
+            stack.fit(slot + 1, 0)
+        self.slots[name] = slot
+
+    def unload(self, name: str) -> None:
+        slot = self.slots.pop(name, None)
+        if slot is not None:
+            self._clear(slot)
+
+    def _clear(self, slot: int) -> None:
+        for stack in self.layers.values():
+            stack.clear(slot)
+
+    def _stack(self, path: str, fan_in: int, fan_out: int) -> _Stack:
+        if path not in self.layers:
+            module = self.model.get_submodule(path)
+            stack = self.layers[path] = _Stack(fan_in, fan_out, len(self.slots) + 2, self.device)
+            module.register_forward_hook(self._hook(stack))
+        return self.layers[path]
+
+    def _hook(self, stack: _Stack):
+        def add_adapters(module, args, output):
+            if self.rows is None:
+                return output
+            return output + stack.delta(args[0], self.rows, self.single).to(output.dtype)
+
+        return add_adapters
+
+    @contextmanager
+    def routing(self, names: list[str | None]) -> Iterator[None]:
+        """Row b of every forward inside goes through adapter names[b] (None: the base alone)."""
+        slots = [self.slots[n] if n else 0 for n in names]
+        if not any(slots):
+            yield
+            return
+        self.rows = torch.tensor(slots, device=self.device)
+        self.single = slots[0] if len(set(slots)) == 1 else None
+        try:
+            yield
+        finally:
+            self.rows, self.single = None, None
+
+
+def _pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module path: (A [r, in], B [out, r])} from PEFT's saved keys."""
+    pairs = {}
+    for key, a in tensors.items():
+        if ".lora_A." not in key:
+            if ".lora_B." not in key:
+                raise AdapterFormatError(f"a tensor this op does not compute: {key}")
+            continue
+        path = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        b = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        if b is None or a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+            raise AdapterFormatError(f"{path}: lora_A and lora_B do not pair up as [r, in] and [out, r]")
+        pairs[path] = (a, b)
+    return pairs
