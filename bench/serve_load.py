@@ -12,12 +12,12 @@
 - cold: time to a first token for an adapter not loaded yet, against the same request warm.
 - ramp: replica count over time while clients ramp 1 -> 12 -> 0 (autoscaling 1..2 replicas of
   one CPU each: all this 2-core machine has); PNG written to --out.
-- engines: bare vLLM `LLM.generate` (the limit: every prompt handed over at once, in a fresh
-  process), lorafleet serve on vLLM, lorafleet serve on the HF engine; 1, 8 and 32 clients on
-  one adapter, and 32 clients over 8 adapters mixed. Targets: serve-on-vLLM at 32 clients >=
-  0.8x bare vLLM tokens/s; a lone request's latency <= 1.2x bare vLLM's (the same request: prompt,
-  adapter, greedy answer); 8 mixed adapters >= 0.7x one adapter's throughput; the ratio against
-  the HF engine is printed.
+- engines: bare vLLM `LLM.generate` and bare transformers `generate` + PEFT (the limits: every
+  prompt handed over at once; and a lone prompt), lorafleet serve on vLLM and on the HF engine; 1,
+  8 and 32 clients on one adapter, and 32 clients over 8 adapters mixed. Targets: serve-on-vLLM at
+  32 clients >= 0.8x bare vLLM tokens/s, a lone request <= 1.2x bare vLLM's (the same request),
+  8 mixed >= 0.7x one adapter; HF engine at 32 clients >= 0.9x bare generate's batch, 8 mixed >=
+  0.9x one adapter and >= the vLLM engine's mixed figure, a lone request <= 1.1x bare generate's.
 
 The base runs unquantized: on CPU, bitsandbytes 4-bit generation is about 2x slower than fp32
 (3.76 s vs 1.79 s for 32 tokens, measured here); on a GPU use serve.quantization=as_trained.
@@ -251,6 +251,33 @@ def bare_vllm(adapter_root: str, names: list[str], max_tokens: int, prompts: int
     return result
 
 
+def bare_hf(adapter_root: str, name: str, max_tokens: int, prompts: int) -> dict:
+    """transformers' generate with one PEFT adapter in this process: a lone prompt, then `prompts` in one call
+    (the limit for the HF engine: every prompt of the batch handed over at once)."""
+    import torch
+    from peft import PeftModel
+
+    from jobs.config import load_config
+    from jobs.model import load_base, load_tokenizer
+
+    torch.set_num_threads(2)
+    run = load_config(None, ["quantization.mode=none"])
+    tokenizer = load_tokenizer(run.model)
+    tokenizer.padding_side = "left"
+    model = PeftModel.from_pretrained(load_base(run, torch.device("cpu"), "causal"), f"{adapter_root}/{name}").eval()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    result = {}
+    with torch.inference_mode():
+        for label, count in (("lone", 1), ("batch", prompts)):
+            inputs = tokenizer([text] * count, return_tensors="pt", add_special_tokens=False, padding=True)
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            start = time.perf_counter()
+            out = model.generate(**inputs, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+            elapsed = time.perf_counter() - start
+            result[label] = {"s": elapsed, "tokens_per_s": count * (out.shape[1] - inputs["input_ids"].shape[1]) / elapsed}
+    return result
+
+
 def mixed_level(url: str, names: list[str], clients: int, requests: int, max_tokens: int) -> dict:
     """As load_level, each client cycling through every adapter."""
     tokens, lock, start = [0], threading.Lock(), time.perf_counter()
@@ -297,6 +324,9 @@ def engines_table(r: dict, max_tokens: int) -> tuple[list[dict], list[dict]]:
     print("|---|---|---|---|---|---|")
     table = [dict(zip(columns, ["bare vLLM LLM.generate (all prompts at once)", lone(bare["lone"]), "-", "-", f"{bare['one_tokens_per_s']:.1f}",
                                 f"{bare['mixed_tokens_per_s']:.1f}"], strict=True))]
+    hf_bare = r["bare_hf"]
+    table.append(dict(zip(columns, ["bare transformers generate + PEFT (32 prompts in one call)", f"{hf_bare['lone']['s']:.2f} ({max_tokens})", "-",
+                                    "-", f"{hf_bare['batch']['tokens_per_s']:.1f}", "-"], strict=True)))
     for label, row in (("lorafleet serve, engine vllm", v), ("lorafleet serve, engine hf", h)):
         by = {x["clients"]: x["tokens_per_s"] for x in row["one"]}
         table.append(dict(zip(columns, [label, lone(row["lone"]), f"{by.get(1, 0):.1f}", f"{by.get(8, 0):.1f}", f"{by.get(32, 0):.1f}",
@@ -310,7 +340,15 @@ def engines_table(r: dict, max_tokens: int) -> tuple[list[dict], list[dict]]:
     print(f"lone request, serve-on-vLLM / bare vLLM: {v['lone']['s'] / bare['lone']['s']:.2f}x (target <= 1.2x; {same})")
     print(f"8 mixed adapters / one adapter, serve-on-vLLM at 32 clients: {v['mixed']['tokens_per_s'] / at32:.2f}x (target >= 0.7x)")
     print(f"serve-on-vLLM / serve-on-HF at 32 clients: {at32 / hf32:.2f}x; mixed: {v['mixed']['tokens_per_s'] / h['mixed']['tokens_per_s']:.2f}x")
+    hf_mixed = h["mixed"]["tokens_per_s"]
+    print(f"HF engine at 32 clients / bare generate's batch of 32: {hf32 / hf_bare['batch']['tokens_per_s']:.2f}x (target >= 0.9x)")
+    print(f"HF engine, 8 mixed adapters / one adapter at 32 clients: {hf_mixed / hf32:.2f}x (target >= 0.9x)")
+    print(f"HF engine lone request / bare generate alone: {h['lone']['s'] / hf_bare['lone']['s']:.2f}x (target <= 1.1x)")
     return table, [
+        target("HF engine / bare generate batch tokens/s at 32 clients", hf32 / hf_bare["batch"]["tokens_per_s"], ">=", 0.9, "x"),
+        target("8 mixed adapters / one adapter tokens/s, HF engine at 32 clients", hf_mixed / hf32, ">=", 0.9, "x"),
+        target("8 mixed adapters, HF engine / vLLM engine tokens/s", hf_mixed / v["mixed"]["tokens_per_s"], ">=", 1.0, "x"),
+        target("lone request latency, HF engine / bare generate alone", h["lone"]["s"] / hf_bare["lone"]["s"], "<=", 1.1, "x"),
         target("serve-on-vLLM / bare vLLM tokens/s at 32 clients", at32 / bare["one_tokens_per_s"], ">=", 0.8, "x"),
         target(f"lone request latency, serve-on-vLLM / bare vLLM ({same})", v["lone"]["s"] / bare["lone"]["s"], "<=", 1.2, "x"),
         target("8 mixed adapters / one adapter tokens/s, serve-on-vLLM at 32 clients", v["mixed"]["tokens_per_s"] / at32, ">=", 0.7, "x"),
@@ -400,6 +438,7 @@ def main() -> None:
         found = args.out / "bare_vllm.json"
         subprocess.run([sys.executable, __file__, "--bare-vllm-json", str(found), "--max-tokens", str(args.max_tokens), "--out", str(args.out)], check=True)
         report["bare_vllm"] = json.loads(found.read_text())
+        report["bare_hf"] = bare_hf(str(args.out / "adapters"), names[0], args.max_tokens, 32)
     if "overhead" in parts:
         report["bare_s"] = bare_generate_seconds(args.max_tokens)
 
@@ -435,7 +474,8 @@ def main() -> None:
     ray.shutdown()
     (args.out / "serve_load.json").write_text(json.dumps(report, indent=2))
     tables, targets = print_tables(report, args)
-    write_result("serve_load", {k: v for k, v in vars(args).items() if k != "bare_vllm_json"}, tables, targets)
+    name = "serve_engines" if parts == {"engines"} else "serve_load"  # an engines-only run keeps the full run's file
+    write_result(name, {k: v for k, v in vars(args).items() if k != "bare_vllm_json"}, tables, targets)
 
 
 def print_tables(r: dict, args) -> tuple[dict[str, list[dict]], list[dict]]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from ray import serve
+from ray.serve import context as serve_context
 
 from jobs import devices
 from jobs.config import RunConfig
@@ -44,6 +45,19 @@ from serve.multi_lora import MultiLora
 log = logging.getLogger("ray.serve")
 _END = object()
 FATAL_MARKS = ("CUDA error", "device-side assert", "CUBLAS_STATUS_", "CUDNN_STATUS_")  # errors that poison the context
+
+
+def _batch_across_adapters() -> None:
+    """Let this request share `serve.batch`'s batches with requests for other adapters.
+
+    Ray Serve 2.60's batcher splits every batch by multiplexed model id (`ray/serve/batching.py`,
+    `_split_batch_by_model_id`), so 32 requests over 8 adapters ran as 8 small generate calls one after another
+    (0.25x one adapter's throughput, measured). The engine routes each row to its own adapter itself
+    (`serve.multi_lora`), so once the request's adapter is loaded its id is cleared from the request's context,
+    which the batcher reads; Serve has no public switch for this.
+    """
+    context = serve_context._get_serve_request_context()
+    serve_context._serve_request_context.set(replace(context, multiplexed_model_id=""))
 
 
 def _fatal(exc: Exception) -> bool:
@@ -119,6 +133,7 @@ class Engine:
             raise EngineDead(self.dead)
         if req.adapter:
             await self.adapter(req.adapter)
+        _batch_across_adapters()
         # n choices are n rows of the same batch (one sampling key, so one generate call)
         rows = [self.generate_batch(replace(req, n=1)) for _ in range(req.n)]
         async for index, delta in merged(rows):

@@ -447,7 +447,7 @@ def test_publish_and_rollback_roll_out_under_load_without_a_failed_request_and_a
         assert fingerprint == f"roll@{version}" and text == answers[version], (index, sent, version, text)
         if index == 0:
             assert version == str(first)
-        elif published + POLL_S + 0.2 < sent < rolled_back:
+        elif published + POLL_S + 0.2 < sent < rolled_back - 0.5:  # a request reaches the gateway a moment after it is sent
             assert version == str(second), (sent - published, version)
         elif sent > rolled_back + POLL_S + 0.2:
             assert version == str(first), (sent - rolled_back, version)

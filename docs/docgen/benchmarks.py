@@ -42,7 +42,7 @@ BENCHMARKS = [
               {"sweep_efficiency": "python bench/sweep_efficiency.py"}),
     Benchmark("serve-load", "Serving under load",
               "Serve's overhead, batching, multiplexed adapters' memory, adapter cold load, the vLLM and HF engines, autoscaling.",
-              {"serve_load": "python bench/serve_load.py"}),
+              {"serve_load": "python bench/serve_load.py", "serve_engines": "python bench/serve_load.py --parts engines"}),
     Benchmark("serve-faults", "Serving under faults",
               "A model replica killed under load: failed requests, the longest gap between answers, recovery time, with and without resends.",
               {"serve_faults": "python bench/serve_faults.py"}),
