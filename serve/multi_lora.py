@@ -153,6 +153,11 @@ def _pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, to
     pairs = {}
     for key, a in tensors.items():
         if ".lora_A." not in key:
+            if key.endswith(".bias"):
+                raise AdapterFormatError(
+                    f"{key}: trained biases (lora.bias: all or lora_only) change the base per adapter; retrain with "
+                    "lora.bias: none"
+                )
             if ".lora_B." not in key:
                 raise AdapterFormatError(f"a tensor this op does not compute: {key}")
             continue

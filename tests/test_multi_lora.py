@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from serve.multi_lora import AdapterFormatError, MultiLora
@@ -87,7 +88,16 @@ def test_lora_features_the_op_does_not_compute_are_refused_and_leave_no_trace(ti
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(AdapterFormatError, match="use_dora"):
         lora.load("dora", dora)
-    assert not lora.slots and "dora" not in lora
+    biased = tmp_path / "biased"  # what lora.bias: lora_only saves beside the LoRA matrices
+    biased.mkdir()
+    for file in adapters["all-1"].iterdir():
+        (biased / file.name).write_bytes(file.read_bytes())
+    tensors = load_file(biased / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    save_file(tensors, biased / "adapter_model.safetensors")
+    with pytest.raises(AdapterFormatError, match="retrain with lora.bias: none"):
+        lora.load("biased", biased)
+    assert not lora.slots and "dora" not in lora and "biased" not in lora
 
 
 def test_seq2seq_rows_go_through_their_own_adapters(tiny_seq2seq, tmp_path):
