@@ -102,12 +102,17 @@ def resolve(cfg: ServeSection, key: str) -> Path:
         if not is_adapter_folder(folder):
             raise UnknownAdapter(f"adapter {name!r}: {folder} has no {CONFIG} + {WEIGHTS}")
         return folder
+    return _local_copy(name, _find(cfg, ref))
+
+
+def _find(cfg: ServeSection, ref: Ref) -> registry.Version:
+    """`ref`'s version in serve.adapter_root (the current one when `ref` names none), or UnknownAdapter saying why."""
     if cfg.adapter_root and (found := _in_root(cfg.adapter_root, ref)):
-        return _local_copy(name, found)
-    if ref.version is not None and name in names(cfg):
-        kept = ", ".join(str(v.number) for v in registry.versions(cfg.adapter_root, name))
-        raise UnknownAdapter(f"adapter {name!r} has no version {ref.version}; its versions: {kept}")
-    raise UnknownAdapter(f"no adapter named {name!r}; available: {', '.join(names(cfg)) or 'none'}")
+        return found
+    if ref.version is not None and ref.name in names(cfg):
+        kept = ", ".join(str(v.number) for v in registry.versions(cfg.adapter_root, ref.name))
+        raise UnknownAdapter(f"adapter {ref.name!r} has no version {ref.version}; its versions: {kept}")
+    raise UnknownAdapter(f"no adapter named {ref.name!r}; available: {', '.join(names(cfg)) or 'none'}")
 
 
 class CurrentVersions:
@@ -122,18 +127,16 @@ class CurrentVersions:
     def ref(self, model: str) -> Ref:
         """The adapter and version that answer `model` (`NAME` or `NAME@VERSION`), or UnknownAdapter."""
         ref = parse(model)
-        if ref.version is not None or ref.name in self.cfg.adapters:
+        if ref.name in self.cfg.adapters:
             resolve(self.cfg, ref.key)
+            return ref
+        if ref.version is not None:  # checked, not fetched: the API replica holds no model
+            _find(self.cfg, ref)
             return ref
         seen = self.seen.get(ref.name)
         now = time.monotonic()
         if seen is None or now - seen[1] >= self.cfg.registry_poll_s:
-            found = _in_root(self.cfg.adapter_root, ref) if self.cfg.adapter_root else None
-            if found is None:
-                raise UnknownAdapter(
-                    f"no adapter named {ref.name!r}; available: {', '.join(names(self.cfg)) or 'none'}"
-                )
-            seen = self.seen[ref.name] = (found.number, now)
+            seen = self.seen[ref.name] = (_find(self.cfg, ref).number, now)
         return Ref(ref.name, seen[0])
 
     def listing(self) -> list[Ref]:

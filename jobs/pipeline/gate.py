@@ -74,12 +74,12 @@ def gate(run: RunConfig, adapter: Path, evaluated: EvalOutcome, name: str, eval_
         theirs = run_eval(run, _local(now), False, eval_dir / f"current-v{now.number}")
         current_score = theirs.results["adapter"].metrics[p.metric]
         promoted, reason = judge(run, score, current_score)
-    record = {"metric": p.metric, "score": score, "current_score": current_score, "reason": reason}
-    record["against_version"] = now.number if now else None
-    published = registry.publish(p.registry, name, adapter, keep=p.keep, make_current=promoted, gate=record)
-    decision = GateDecision(
-        name, published.number, promoted, p.metric, score, current_score, now.number if now else None, reason
+    against = now.number if now else None
+    record = {"metric": p.metric, "score": score, "current_score": current_score, "against_version": against}
+    published = registry.publish(
+        p.registry, name, adapter, keep=p.keep, make_current=promoted, gate=record | {"reason": reason}
     )
+    decision = GateDecision(name, published.number, promoted, p.metric, score, current_score, against, reason)
     with evaluated.report.open("a") as report:
         report.write("\n\n" + decision.markdown() + "\n")
     (eval_dir / "gate.json").write_text(json.dumps(asdict(decision), indent=2))
