@@ -1,12 +1,13 @@
 """Serving on SmolLM2-135M-Instruct: batching, multiplexing memory, adapter load time, autoscaling.
 
     python bench/serve_load.py [--max-tokens 32] [--out runs/bench/serve] [--parts overhead,load,memory,cold,ramp,engines]
+    python bench/serve_load.py --parts engines,memory   # the engines' comparison: bench/results/serve_engines.json
 
 - overhead: one request through Serve (HTTP -> gateway -> engine) against a bare `model.generate`
   of the same prompt and length in this process. Target: Serve adds <= 20%.
 - load: throughput and p50/p99 latency at 1, 8 and 32 concurrent clients, batching on
   (serve.max_batch_size=32) and off (1), same app otherwise. Target: batched >= 4x unbatched at 32.
-- memory: resident memory of the base with 1 and with 8 multiplexed adapters, against one merged
+- memory: resident memory of the base with 1 and with 8 adapters in the HF engine's slots, against one merged
   model per adapter (each in a fresh process, after a forward pass so that memory-mapped weights
   count). Target: 8 multiplexed <= 1.25x one.
 - cold: time to a first token for an adapter not loaded yet, against the same request warm.
@@ -17,7 +18,8 @@
   8 and 32 clients on one adapter, and 32 clients over 8 adapters mixed. Targets: serve-on-vLLM at
   32 clients >= 0.8x bare vLLM tokens/s, a lone request <= 1.2x bare vLLM's (the same request),
   8 mixed >= 0.7x one adapter; HF engine at 32 clients >= 0.9x bare generate's batch, 8 mixed >=
-  0.9x one adapter and >= the vLLM engine's mixed figure, a lone request <= 1.1x bare generate's.
+  0.9x one adapter and >= the vLLM engine's mixed figure, a lone request <= 1.1x bare generate's time
+  per token, p50 latency at 32 clients <= half of what static batches gave (STATIC_P50_S).
 
 The base runs unquantized: on CPU, bitsandbytes 4-bit generation is about 2x slower than fp32
 (3.76 s vs 1.79 s for 32 tokens, measured here); on a GPU use serve.quantization=as_trained.
@@ -48,6 +50,9 @@ from results import markdown_row, target, write_result  # bench/ is this script'
 PROMPT = "Write a long story about a robot who learns to paint."
 ADAPTERS = 8
 BASE_NAME = "smollm2-135m-instruct"
+# p50 latency at 32 clients of the HF engine on static batches (serve.batch; the step loop replaced them for causal
+# models), from this script's engines part on the 2-core machine its figures come from: the p50 target's reference.
+STATIC_P50_S = 16.6
 
 
 def _config(out: Path, *overrides: str):
@@ -172,6 +177,7 @@ def memory_scenario(scenario: str, adapter_root: str) -> float:
 
     from jobs.config import load_config
     from jobs.model import load_base
+    from serve.multi_lora import MultiLora
 
     torch.set_num_threads(2)
     run = load_config(None, ["quantization.mode=none"])
@@ -183,15 +189,18 @@ def memory_scenario(scenario: str, adapter_root: str) -> float:
     else:
         count = {"base": 0, "one": 1, "eight": ADAPTERS}[scenario]
         model = load_base(run, torch.device("cpu"), "causal")
-        if count:  # as the engine does: the first adapter wraps the base, the others join it
-            model = PeftModel.from_pretrained(model, f"{adapter_root}/{names[0]}", adapter_name=names[0])
-            for name in names[1:count]:
-                model.load_adapter(f"{adapter_root}/{name}", adapter_name=name)
+        lora = MultiLora(model, torch.device("cpu"))  # as the HF engine does: adapters stacked in slots over one base
+        for name in names[:count]:
+            lora.load(name, Path(adapter_root) / name)
         keep = [model]
     inputs = torch.tensor([[1, 2, 3, 4]])
     with torch.inference_mode():  # as a serving replica does: every weight page is touched (safetensors are memory-mapped)
         for model in keep:
-            model(input_ids=inputs)
+            if scenario in ("one", "eight"):
+                with lora.routing([names[0]]):
+                    model(input_ids=inputs)
+            else:
+                model(input_ids=inputs)
     gc.collect()
     return _rss_mb() - before
 
@@ -300,8 +309,8 @@ def engine_rows(out: Path, names: list[str], engine: str, levels: list[int], max
 
     from serve.app import deploy
 
-    url = deploy(_config(out, f"serve.engine={engine}", "serve.max_batch_size=32", "serve.batch_wait_timeout_s=0.05",
-                         "serve.vllm_max_lora_rank=8", "serve.vllm_kv_cache_gib=2")).url
+    url = deploy(_config(out, f"serve.engine={engine}", "serve.max_batch_size=32", "serve.vllm_max_lora_rank=8",
+                         "serve.vllm_kv_cache_gib=2")).url
     for name in names:  # every adapter loaded before timing
         httpx.post(f"{url}/chat/completions", json=chat_body(name, 1), timeout=300).raise_for_status()
     rows = {"lone": lone_request(url, names[0], max_tokens),
@@ -318,19 +327,20 @@ def engines_table(r: dict, max_tokens: int) -> tuple[list[dict], list[dict]]:
     def lone(x: dict) -> str:
         return f"{x['s']:.2f} ({'/'.join(map(str, x['tokens']))})"
 
-    columns = ["path", "lone request, s (tokens)", "1 client tok/s", "8 clients tok/s", "32 clients tok/s", "32 clients, 8 adapters mixed tok/s"]
+    columns = ["path", "lone request, s (tokens)", "1 client tok/s", "8 clients tok/s", "32 clients tok/s", "32 clients p50 s",
+               "32 clients, 8 adapters mixed tok/s"]
     print(f"\n## Engines: SmolLM2-135M bf16 (vLLM) / fp32 (HF), rank-8 adapters, {max_tokens} new tokens, greedy\n")
     print("| " + " | ".join(columns) + " |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     table = [dict(zip(columns, ["bare vLLM LLM.generate (all prompts at once)", lone(bare["lone"]), "-", "-", f"{bare['one_tokens_per_s']:.1f}",
-                                f"{bare['mixed_tokens_per_s']:.1f}"], strict=True))]
+                                "-", f"{bare['mixed_tokens_per_s']:.1f}"], strict=True))]
     hf_bare = r["bare_hf"]
     table.append(dict(zip(columns, ["bare transformers generate + PEFT (32 prompts in one call)", f"{hf_bare['lone']['s']:.2f} ({max_tokens})", "-",
-                                    "-", f"{hf_bare['batch']['tokens_per_s']:.1f}", "-"], strict=True)))
+                                    "-", f"{hf_bare['batch']['tokens_per_s']:.1f}", f"{hf_bare['batch']['s']:.2f}", "-"], strict=True)))
     for label, row in (("lorafleet serve, engine vllm", v), ("lorafleet serve, engine hf", h)):
-        by = {x["clients"]: x["tokens_per_s"] for x in row["one"]}
-        table.append(dict(zip(columns, [label, lone(row["lone"]), f"{by.get(1, 0):.1f}", f"{by.get(8, 0):.1f}", f"{by.get(32, 0):.1f}",
-                                        f"{row['mixed']['tokens_per_s']:.1f}"], strict=True)))
+        by = {x["clients"]: x for x in row["one"]}
+        table.append(dict(zip(columns, [label, lone(row["lone"]), *(f"{by[c]['tokens_per_s']:.1f}" if c in by else "-" for c in (1, 8, 32)),
+                                        f"{by[32]['p50_s']:.2f}" if 32 in by else "-", f"{row['mixed']['tokens_per_s']:.1f}"], strict=True)))
     for row in table:
         print(markdown_row(row))
     at32 = {x["clients"]: x["tokens_per_s"] for x in v["one"]}[32]
@@ -343,12 +353,17 @@ def engines_table(r: dict, max_tokens: int) -> tuple[list[dict], list[dict]]:
     hf_mixed = h["mixed"]["tokens_per_s"]
     print(f"HF engine at 32 clients / bare generate's batch of 32: {hf32 / hf_bare['batch']['tokens_per_s']:.2f}x (target >= 0.9x)")
     print(f"HF engine, 8 mixed adapters / one adapter at 32 clients: {hf_mixed / hf32:.2f}x (target >= 0.9x)")
-    print(f"HF engine lone request / bare generate alone: {h['lone']['s'] / hf_bare['lone']['s']:.2f}x (target <= 1.1x)")
+    # per token: a served answer may end before max_tokens at its end-of-sequence, bare generate is forced to the limit
+    lone_ratio = (h["lone"]["s"] / max(h["lone"]["tokens"])) / (hf_bare["lone"]["s"] / max_tokens)
+    print(f"HF engine lone request / bare generate alone, seconds per token: {lone_ratio:.2f}x (target <= 1.1x)")
+    hf_p50 = {x["clients"]: x["p50_s"] for x in h["one"]}[32]
+    print(f"HF engine p50 latency at 32 clients: {hf_p50:.2f} s; static batches: {STATIC_P50_S} s (target <= half)")
     return table, [
         target("HF engine / bare generate batch tokens/s at 32 clients", hf32 / hf_bare["batch"]["tokens_per_s"], ">=", 0.9, "x"),
         target("8 mixed adapters / one adapter tokens/s, HF engine at 32 clients", hf_mixed / hf32, ">=", 0.9, "x"),
         target("8 mixed adapters, HF engine / vLLM engine tokens/s", hf_mixed / v["mixed"]["tokens_per_s"], ">=", 1.0, "x"),
-        target("lone request latency, HF engine / bare generate alone", h["lone"]["s"] / hf_bare["lone"]["s"], "<=", 1.1, "x"),
+        target("lone request seconds per token, HF engine / bare generate alone", lone_ratio, "<=", 1.1, "x"),
+        target("p50 latency at 32 clients, HF engine / its static batches", hf_p50 / STATIC_P50_S, "<=", 0.5, "x"),
         target("serve-on-vLLM / bare vLLM tokens/s at 32 clients", at32 / bare["one_tokens_per_s"], ">=", 0.8, "x"),
         target(f"lone request latency, serve-on-vLLM / bare vLLM ({same})", v["lone"]["s"] / bare["lone"]["s"], "<=", 1.2, "x"),
         target("8 mixed adapters / one adapter tokens/s, serve-on-vLLM at 32 clients", v["mixed"]["tokens_per_s"] / at32, ">=", 0.7, "x"),
@@ -474,7 +489,7 @@ def main() -> None:
     ray.shutdown()
     (args.out / "serve_load.json").write_text(json.dumps(report, indent=2))
     tables, targets = print_tables(report, args)
-    name = "serve_engines" if parts == {"engines"} else "serve_load"  # an engines-only run keeps the full run's file
+    name = "serve_engines" if parts <= {"engines", "memory"} else "serve_load"  # an engines run keeps the full run's file
     write_result(name, {k: v for k, v in vars(args).items() if k != "bare_vllm_json"}, tables, targets)
 
 

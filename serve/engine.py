@@ -3,11 +3,15 @@
 - The base is loaded once per replica (quantized as `serve.quantization` says).
 - Adapters load on first use through Serve's multiplexer (`serve.replica`: LRU,
   `max_adapters_per_replica`); Serve routes a request for an adapter to a replica that holds it.
-- `serve.batch` gathers concurrent requests; one `generate` call serves every request with the
-  same sampling settings, whatever their adapters: each row goes through its own adapter in one
-  batched op per layer (`serve.multi_lora`), so rows of different adapters never see each other's
-  weights, and a batch over 8 adapters costs about what one adapter's does.
-- `generate` and adapter (un)loading hold one lock: an adapter is never removed mid-forward.
+- Causal models run on the step loop (`serve.scheduler`): a request joins the running batch at the
+  next decoding step and leaves it at its own end, with its own sampling settings. Every row goes
+  through its own adapter in one batched op per layer (`serve.multi_lora`), so rows of different
+  adapters never see each other's weights, and a batch over 8 adapters costs about what one does.
+- Seq2seq models (and caches the step loop cannot merge: sliding windows, linear attention) keep the
+  static path: `serve.batch` gathers concurrent requests, one `generate` call serves every request
+  with the same sampling settings.
+- Forward passes and adapter (un)loading hold one lock: an adapter is never removed mid-forward, and
+  one a running request uses stays in its slot until the request ends.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from serve.generation import (
 )
 from serve.grammar import Grammars
 from serve.multi_lora import MultiLora
+from serve.scheduler import Scheduler, can_schedule
 
 log = logging.getLogger("ray.serve")
 _END = object()
@@ -92,13 +97,40 @@ class Engine:
         self.adapter = replica.adapter_cache(self, run.serve.max_adapters_per_replica)
         self.generate_batch.set_max_batch_size(run.serve.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(run.serve.batch_wait_timeout_s)
+        self.scheduler = (
+            self._step_loop(run.serve.max_batch_size) if can_schedule(self.model, self.prompting.kind) else None
+        )
         log.info(
-            "engine ready: %s (%s) on %s, batches of up to %d",
+            "engine ready: %s (%s) on %s, %s of up to %d",
             run.model.name,
             self.prompting.kind,
             self.device,
+            "a step loop (continuous batching)" if self.scheduler else "static batches",
             run.serve.max_batch_size,
         )
+
+    def _step_loop(self, max_rows: int) -> Scheduler:
+        def ensure_adapter(name: str) -> None:  # called with the lock held
+            self._attach_locked(name, adapters.resolve(self.serve_cfg, name))
+
+        return Scheduler(
+            self.model,
+            self.lora,
+            self.prompting,
+            self.eos,
+            self.grammars,
+            self.lock,
+            max_rows,
+            ensure_adapter,
+            self._failure,
+        )
+
+    def _failure(self, exc: Exception) -> Exception:
+        """What the requests of a failed generation receive; a device error marks the engine dead."""
+        if _fatal(exc):
+            self.dead = f"the model's device failed: {type(exc).__name__}: {str(exc)[:200]}"
+            return EngineDead(self.dead)
+        return exc
 
     async def load_adapter(self, name: str) -> None:
         folder = adapters.resolve(self.serve_cfg, name)
@@ -133,6 +165,24 @@ class Engine:
             raise EngineDead(self.dead)
         if req.adapter:
             await self.adapter(req.adapter)
+        if self.scheduler is None:
+            async for delta in self._static(req):
+                yield delta
+            return
+        loop, deltas = asyncio.get_running_loop(), asyncio.Queue()
+        ticket = self.scheduler.submit(req, lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item))
+        try:
+            choices_left = req.n
+            while choices_left:
+                item = await deltas.get()
+                if isinstance(item, Exception):
+                    raise item
+                choices_left -= item.finish is not None
+                yield item
+        finally:
+            ticket.cancelled = True  # a client that left frees its rows at the next step
+
+    async def _static(self, req: GenRequest) -> AsyncIterator[Delta]:
         _batch_across_adapters()
         # n choices are n rows of the same batch (one sampling key, so one generate call)
         rows = [self.generate_batch(replace(req, n=1)) for _ in range(req.n)]
@@ -148,7 +198,9 @@ class Engine:
         if self.dead:
             raise EngineDead(self.dead)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)  # replaced from the config in __init__
+    @serve.batch(
+        max_batch_size=16, batch_wait_timeout_s=0.02
+    )  # the static path's; replaced from the config in __init__
     async def generate_batch(self, requests: list[GenRequest]) -> AsyncIterator[list]:
         """Per step, one item per request: its Delta, None (nothing new), or StopIteration once it
         has finished (which ends that caller's stream while the rest of the batch goes on)."""
@@ -184,17 +236,14 @@ class Engine:
                     if group[0].seed is not None:
                         torch.manual_seed(group[0].seed)
                     fmt = group[0].response_format  # part of the sampling key: one per group
-                    grammar = self.grammars.mask(fmt, progress.finished) if fmt else None
+                    grammar = self.grammars.mask(fmt, progress.rows) if fmt else None
                     with self.lora.routing([r.adapter for r in group]), torch.inference_mode():
                         kwargs = generate_kwargs(group, self.prompting, self.device, progress, grammar)
                         self.model.generate(**kwargs)
                 put(progress.close())
                 put(_END)
             except Exception as exc:  # delivered to every request of the group
-                if _fatal(exc):
-                    self.dead = f"the model's device failed: {type(exc).__name__}: {str(exc)[:200]}"
-                    exc = EngineDead(self.dead)
-                put(exc)
+                put(self._failure(exc))
 
         worker = loop.run_in_executor(None, work)
         while (item := await queue.get()) is not _END:

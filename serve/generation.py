@@ -1,10 +1,10 @@
-"""Token-by-token generation for a batch of requests, each with its own limits.
+"""Token-by-token text for requests, each with its own limits, and the static path's `generate` arguments.
 
-One `model.generate` call serves the whole batch; `Progress`, a stopping criterion, sees every
-new token: it decodes each row's text, cuts it at the row's stop strings, finishes the row at
-its own max_tokens or end-of-sequence, and hands the new text of every row to `emit` (the
-stream back to the clients). Text that could still turn into a stop string or that ends in an
-incomplete UTF-8 character is held back until it is certain.
+`RowText` decodes one choice's tokens as they come, cuts the text at the request's stop strings,
+finishes it at its own max_tokens or end-of-sequence, and holds back text that could still turn
+into a stop string or that ends in an incomplete UTF-8 character. The step loop
+(`serve.scheduler`) drives one per row; on the static path (`generate` for a whole batch),
+`Progress`, a stopping criterion, drives one per row of the batch.
 """
 
 from __future__ import annotations
@@ -92,8 +92,62 @@ def _held_back(text: str, stops: list[str]) -> int:
     return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), default=0)
 
 
+class RowText:
+    """One choice's text as its tokens come: end-of-sequence, stop strings and max_tokens end it, text that is
+    not certain yet is held back, and logprobs wait to go out with the next delta."""
+
+    def __init__(self, request: GenRequest, tokenizer, eos_ids: set[int]):
+        self.request, self.tokenizer, self.eos_ids = request, tokenizer, eos_ids
+        self.tokens: list[int] = []
+        self.sent = 0
+        self.finished: str | None = None  # "stop" or "length" once ended
+        self.pending: list[dict] = []  # logprobs not yet sent with a delta
+
+    def advance(self, token: int, logprob: dict | None = None) -> Delta | None:
+        if logprob is not None:
+            self.pending.append(logprob)
+        if token in self.eos_ids:
+            return self.finish("stop")
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = [text.find(s) for s in self.request.stop if s in text]
+        if cut:
+            return self.finish("stop", text[: min(cut)])
+        if len(self.tokens) >= self.request.max_tokens:
+            return self.finish("length", text)
+        certain = len(text) - _held_back(text, self.request.stop)
+        if certain <= self.sent:
+            return None
+        delta, self.sent = text[self.sent : certain], certain
+        return Delta(delta, None, len(self.tokens), logprobs=self._taken())
+
+    def finish(self, reason: str, text: str | None = None) -> Delta:
+        if text is None:
+            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            text = text[: len(text) - (1 if text.endswith("\ufffd") else 0)]
+        self.finished = reason
+        return Delta(text[self.sent :], reason, len(self.tokens), logprobs=self._taken())
+
+    def _taken(self) -> list[dict] | None:
+        if self.request.logprobs is None:
+            return None
+        taken, self.pending = self.pending, []
+        return taken
+
+
+def logprob_of(dist: torch.Tensor, token: int, k: int, tokenizer) -> dict:
+    """The logprob entry of `token` drawn from the log-distribution `dist` [vocab], with the k most likely."""
+
+    def piece(t: int) -> str:
+        return tokenizer.decode([t], skip_special_tokens=False)
+
+    top = torch.topk(dist, k) if k else None
+    pairs = [] if top is None else [(piece(i), float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist())]
+    return logprob_entry(piece(token), float(dist[token]), pairs)
+
+
 class Progress(StoppingCriteria):
-    """Per-row decoding, stop strings and limits, called by generate after every new token."""
+    """Per-row text of one `generate` call (the static path), called by generate after every new token."""
 
     def __init__(
         self,
@@ -103,68 +157,26 @@ class Progress(StoppingCriteria):
         emit: Callable[[list[Delta | None]], None],
         capture: LogprobCapture | None = None,
     ):
-        self.requests, self.tokenizer, self.eos_ids, self.emit = requests, tokenizer, eos_ids, emit
-        self.capture = capture
-        self.tokens: list[list[int]] = [[] for _ in requests]
-        self.sent = [0] * len(requests)
-        self.finished: list[str | None] = [None] * len(requests)
-        self.pending: list[list[dict]] = [[] for _ in requests]  # logprobs not yet sent with a delta
+        self.rows = [RowText(r, tokenizer, eos_ids) for r in requests]
+        self.tokenizer, self.emit, self.capture = tokenizer, emit, capture
+
+    @property
+    def finished(self) -> list[str | None]:
+        return [row.finished for row in self.rows]
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         new = input_ids[:, -1].tolist()
-        self.emit([self._advance(row, token) if self.finished[row] is None else None for row, token in enumerate(new)])
-        return torch.tensor([f is not None for f in self.finished], device=input_ids.device)
+        self.emit([self._advance(i, token) if self.rows[i].finished is None else None for i, token in enumerate(new)])
+        return torch.tensor([row.finished is not None for row in self.rows], device=input_ids.device)
 
-    def _note_logprob(self, row: int, token: int) -> None:
-        k = self.requests[row].logprobs
-        if k is None or self.capture is None or self.capture.last is None:
-            return
-        dist = self.capture.last[row]
-        top = torch.topk(dist, k) if k else None
-        pairs = (
-            []
-            if top is None
-            else [(self._piece(i), float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist())]
-        )
-        self.pending[row].append(logprob_entry(self._piece(token), float(dist[token]), pairs))
-
-    def _piece(self, token: int) -> str:
-        return self.tokenizer.decode([token], skip_special_tokens=False)
-
-    def _taken(self, row: int) -> list[dict] | None:
-        if self.requests[row].logprobs is None:
-            return None
-        taken, self.pending[row] = self.pending[row], []
-        return taken
-
-    def _advance(self, row: int, token: int) -> Delta | None:
-        request = self.requests[row]
-        self._note_logprob(row, token)
-        if token in self.eos_ids:
-            return self._finish(row, "stop")
-        self.tokens[row].append(token)
-        text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
-        cut = [text.find(s) for s in request.stop if s in text]
-        if cut:
-            return self._finish(row, "stop", text[: min(cut)])
-        if len(self.tokens[row]) >= request.max_tokens:
-            return self._finish(row, "length", text)
-        certain = len(text) - _held_back(text, request.stop)
-        if certain <= self.sent[row]:
-            return None
-        delta, self.sent[row] = text[self.sent[row] : certain], certain
-        return Delta(delta, None, len(self.tokens[row]), logprobs=self._taken(row))
-
-    def _finish(self, row: int, reason: str, text: str | None = None) -> Delta:
-        if text is None:
-            text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
-            text = text[: len(text) - (1 if text.endswith("\ufffd") else 0)]
-        self.finished[row] = reason
-        return Delta(text[self.sent[row] :], reason, len(self.tokens[row]), logprobs=self._taken(row))
+    def _advance(self, i: int, token: int) -> Delta | None:
+        k = self.rows[i].request.logprobs
+        have = k is not None and self.capture is not None and self.capture.last is not None
+        return self.rows[i].advance(token, logprob_of(self.capture.last[i], token, k, self.tokenizer) if have else None)
 
     def close(self) -> list[Delta | None]:
         """Finish rows generate stopped without us (its own length limit)."""
-        return [None if f else self._finish(row, "length") for row, f in enumerate(self.finished)]
+        return [None if row.finished else row.finish("length") for row in self.rows]
 
 
 def generate_kwargs(

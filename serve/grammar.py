@@ -44,17 +44,22 @@ class Grammars:
         self.cache.move_to_end(key)
         return self.cache[key]
 
-    def mask(self, response_format: dict, finished: list) -> GrammarMask:
-        return GrammarMask(self.compiled(response_format), finished)
+    def mask(self, response_format: dict, rows: list) -> GrammarMask:
+        return GrammarMask(self.compiled(response_format), rows)
+
+    def matchers(self, response_format: dict, count: int) -> list[xgr.GrammarMatcher]:
+        """One matcher per choice, for the step loop's rows (`serve.sampling`)."""
+        compiled = self.compiled(response_format)
+        return [xgr.GrammarMatcher(compiled) for _ in range(count)]
 
 
 class GrammarMask(LogitsProcessor):
-    """One xgrammar matcher per row. Written here because xgrammar's own transformers processor
+    """One xgrammar matcher per row of a `generate` call (the static path). Written here because xgrammar's own transformers processor
     asserts that every row's last token fits its grammar, and a row our stopping criteria ended
     (its max_tokens, a stop string) goes on receiving pad tokens: those rows are skipped."""
 
-    def __init__(self, compiled: xgr.CompiledGrammar, finished: list):
-        self.compiled, self.finished = compiled, finished  # finished[row] is None while the row generates
+    def __init__(self, compiled: xgr.CompiledGrammar, rows: list):
+        self.compiled, self.rows = compiled, rows  # rows[i].finished is None while row i generates
         self.matchers: list[xgr.GrammarMatcher] = []
         self.bitmask: torch.Tensor | None = None
 
@@ -64,7 +69,7 @@ class GrammarMask(LogitsProcessor):
             self.bitmask = xgr.allocate_token_bitmask(len(self.matchers), self.compiled.tokenizer_info.vocab_size)
         else:
             for row, token in enumerate(input_ids[:, -1].tolist()):
-                if self.finished[row] is None and not self.matchers[row].is_terminated():
+                if self.rows[row].finished is None and not self.matchers[row].is_terminated():
                     self.matchers[row].accept_token(token)
         for row, matcher in enumerate(self.matchers):
             matcher.fill_next_token_bitmask(self.bitmask, row)

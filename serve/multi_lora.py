@@ -14,6 +14,7 @@ CPU, and vLLM's CPU LoRA ops gather a full per-token matrix per layer.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,12 +85,30 @@ class MultiLora:
         self.slots: dict[str, int] = {}
         self.rows: torch.Tensor | None = None
         self.single: int | None = None
+        self.held: Counter[str] = Counter()  # requests still generating with each adapter
+        self.retired: set[str] = set()  # evicted while held: unloaded when the last such request ends
 
     def __contains__(self, name: str) -> bool:
-        return name in self.slots
+        return name in self.slots and name not in self.retired
 
+    def hold(self, name: str) -> None:
+        """Keep `name` in its slot until `release`: the step loop's requests use it across many forward passes."""
+        self.held[name] += 1
+
+    def release(self, name: str) -> None:
+        self.held[name] -= 1
+        if self.held[name] <= 0:
+            del self.held[name]
+            if name in self.retired:
+                self.retired.discard(name)
+                self.unload(name)
+
+    @torch.inference_mode()  # the step loop's forward passes run in inference mode: its slots are inference tensors
     def load(self, name: str, folder: Path) -> None:
         """Fill a free slot with the adapter in `folder` (PEFT's files); AdapterFormatError for what it cannot do."""
+        if name in self.retired:  # evicted, still held, wanted again: it never left its slot
+            self.retired.discard(name)
+            return
         config = json.loads((folder / CONFIG).read_text())
         used = [f"{key} ({why})" for key, why in UNSUPPORTED.items() if config.get(key)]
         if config.get("peft_type", "LORA") != "LORA" or used:
@@ -109,7 +128,11 @@ class MultiLora:
             stack.fit(slot + 1, 0)
         self.slots[name] = slot
 
+    @torch.inference_mode()
     def unload(self, name: str) -> None:
+        if self.held[name]:
+            self.retired.add(name)
+            return
         slot = self.slots.pop(name, None)
         if slot is not None:
             self._clear(slot)

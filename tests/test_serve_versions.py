@@ -9,13 +9,14 @@ import torch
 
 from jobs import registry
 from jobs.config import load_config
+from jobs.model import load_base
+from jobs.prompting import Prompting
 from serve import adapters
 from serve.api import Answering
 from serve.app import application
 from serve.engine import Engine, _fatal
-from jobs.model import load_base
-from jobs.prompting import Prompting
-from serve.generation import EngineDead, GenRequest, eos_token_ids
+from serve.generation import EngineDead, eos_token_ids
+from serve.grammar import Grammars
 from serve.multi_lora import MultiLora
 from tests.serve_fixtures import make_adapter
 
@@ -101,19 +102,21 @@ def test_an_hf_engine_whose_device_failed_fails_its_health_check_and_refuses_req
     engine.eos = eos_token_ids(engine.model, engine.prompting.tokenizer)
     engine.device, engine.dead, engine.serve_cfg, engine.lock = torch.device("cpu"), None, run.serve, threading.Lock()
     engine.lora = MultiLora(engine.model, engine.device)
+    engine.grammars = Grammars(engine.prompting.tokenizer, engine.model.config.vocab_size)
+    engine.scheduler = engine._step_loop(8)
     engine.check_health()
 
-    def broken(**kwargs):
+    def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    engine.model.generate = broken
+    engine.model.forward = broken
 
-    async def run_group():
-        async for _ in engine._run_group([GenRequest(prompt_ids=[1, 2, 3], max_tokens=4)]):
+    async def answer():
+        async for _ in engine.stream({"prompt_ids": [1, 2, 3], "max_tokens": 4}):
             pass
 
     with pytest.raises(EngineDead, match="illegal memory access"):
-        asyncio.run(run_group())
+        asyncio.run(asyncio.wait_for(answer(), 30))
     with pytest.raises(EngineDead):
         engine.check_health()
 
