@@ -10,15 +10,15 @@
 - Seq2seq models (and caches the step loop cannot merge: sliding windows, linear attention) keep the
   static path: `serve.batch` gathers concurrent requests, one `generate` call serves every request
   with the same sampling settings.
-- Forward passes and adapter (un)loading hold one lock: an adapter is never removed mid-forward, and
-  one a running request uses stays in its slot until the request ends.
+- All torch work runs on one thread (`serve.model_thread`), forward passes and adapter (un)loading in
+  turn: an adapter is never removed mid-forward, and one a running request uses stays in its slot
+  until the request ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -44,6 +44,7 @@ from serve.generation import (
     merged,
 )
 from serve.grammar import Grammars
+from serve.model_thread import ModelThread
 from serve.multi_lora import MultiLora
 from serve.scheduler import Scheduler, can_schedule
 
@@ -88,11 +89,13 @@ class Engine:
         torch.set_num_threads(max(1, cpus))  # one replica per `CPU` share, not every core each
         self.device = devices.replica_device(run.serve.on_gpu)
         self.prompting = Prompting.load(run.model)
-        self.model = load_base(serving_run(run), self.device, self.prompting.kind).eval()
+        self.thread = ModelThread()
+        self.model = self.thread.call(
+            lambda: load_base(serving_run(run), self.device, self.prompting.kind).eval()
+        ).result()
         self.lora = MultiLora(self.model, self.device)
         self.eos = eos_token_ids(self.model, self.prompting.tokenizer)
         self.grammars = Grammars(self.prompting.tokenizer, self.model.config.vocab_size)
-        self.lock = threading.Lock()
         self.dead: str | None = None  # why the engine can generate no more (a CUDA error poisons the context)
         self.adapter = replica.adapter_cache(self, run.serve.max_adapters_per_replica)
         self.generate_batch.set_max_batch_size(run.serve.max_batch_size)
@@ -110,8 +113,8 @@ class Engine:
         )
 
     def _step_loop(self, max_rows: int) -> Scheduler:
-        def ensure_adapter(name: str) -> None:  # called with the lock held
-            self._attach_locked(name, adapters.resolve(self.serve_cfg, name))
+        def ensure_adapter(name: str) -> None:  # on the model thread
+            self._attach(name, adapters.resolve(self.serve_cfg, name))
 
         return Scheduler(
             self.model,
@@ -119,7 +122,7 @@ class Engine:
             self.prompting,
             self.eos,
             self.grammars,
-            self.lock,
+            self.thread,
             max_rows,
             ensure_adapter,
             self._failure,
@@ -134,13 +137,9 @@ class Engine:
 
     async def load_adapter(self, name: str) -> None:
         folder = adapters.resolve(self.serve_cfg, name)
-        await asyncio.to_thread(self.attach, name, folder)
+        await asyncio.wrap_future(self.thread.call(lambda: self._attach(name, folder)))
 
-    def attach(self, name: str, folder: Path) -> None:
-        with self.lock:
-            self._attach_locked(name, folder)
-
-    def _attach_locked(self, name: str, folder: Path) -> None:
+    def _attach(self, name: str, folder: Path) -> None:
         if name in self.lora:
             return
         check_fits(self.model, name, folder)
@@ -154,9 +153,11 @@ class Engine:
         log.info("adapter %r loaded from %s", name, folder)
 
     def unload_adapter(self, name: str, lora: None) -> None:
-        with self.lock:
+        def unload() -> None:
             self.lora.unload(name)
             log.info("adapter %r unloaded", name)
+
+        self.thread.call(unload)  # not awaited: the GC may call this on the model thread itself
 
     async def stream(self, request: dict) -> AsyncIterator[Delta]:
         """New text of one request's choices as it is generated; a choice's last Delta carries finish_reason."""
@@ -231,21 +232,20 @@ class Engine:
 
         def work() -> None:
             try:
-                with self.lock:
-                    self._ensure_adapters(group)
-                    if group[0].seed is not None:
-                        torch.manual_seed(group[0].seed)
-                    fmt = group[0].response_format  # part of the sampling key: one per group
-                    grammar = self.grammars.mask(fmt, progress.rows) if fmt else None
-                    with self.lora.routing([r.adapter for r in group]), torch.inference_mode():
-                        kwargs = generate_kwargs(group, self.prompting, self.device, progress, grammar)
-                        self.model.generate(**kwargs)
+                self._ensure_adapters(group)
+                if group[0].seed is not None:
+                    torch.manual_seed(group[0].seed)
+                fmt = group[0].response_format  # part of the sampling key: one per group
+                grammar = self.grammars.mask(fmt, progress.rows) if fmt else None
+                with self.lora.routing([r.adapter for r in group]), torch.inference_mode():
+                    kwargs = generate_kwargs(group, self.prompting, self.device, progress, grammar)
+                    self.model.generate(**kwargs)
                 put(progress.close())
                 put(_END)
             except Exception as exc:  # delivered to every request of the group
                 put(self._failure(exc))
 
-        worker = loop.run_in_executor(None, work)
+        worker = asyncio.wrap_future(self.thread.call(work))
         while (item := await queue.get()) is not _END:
             if isinstance(item, Exception):
                 raise item
@@ -255,4 +255,4 @@ class Engine:
     def _ensure_adapters(self, group: list[GenRequest]) -> None:
         """An adapter evicted between a request's arrival and its batch is loaded again."""
         for name in {r.adapter for r in group if r.adapter}:
-            self._attach_locked(name, adapters.resolve(self.serve_cfg, name))
+            self._attach(name, adapters.resolve(self.serve_cfg, name))

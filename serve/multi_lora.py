@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from jobs.adapter import CONFIG, WEIGHTS
 
+DENSE_WIDTH = 512  # up to this many slot x rank columns a layer computes every slot and masks (see _Stack.delta)
 UNSUPPORTED = {  # adapter_config.json settings this op does not compute, and why
     "use_dora": "DoRA rescales the base weight per adapter",
     "modules_to_save": "it replaces whole modules",
@@ -38,11 +39,12 @@ class AdapterFormatError(ValueError):
 
 
 class _Stack:
-    """One layer's adapters: A [slots, rank, in] and B [slots, out, rank] (B carries the scaling)."""
+    """One layer's adapters: A [slots, rank, in] and B [out, slots, rank] (B carries the scaling), so that both
+    flatten to every slot's matrices side by side without a copy."""
 
     def __init__(self, fan_in: int, fan_out: int, slots: int, device: torch.device):
         self.A = torch.zeros(slots, 0, fan_in, device=device)
-        self.B = torch.zeros(slots, fan_out, 0, device=device)
+        self.B = torch.zeros(fan_out, slots, 0, device=device)
 
     def fit(self, slots: int, rank: int) -> None:
         have_slots, have_rank = self.A.shape[0], self.A.shape[1]
@@ -50,29 +52,53 @@ class _Stack:
             return
         slots, rank = max(slots, have_slots), max(rank, have_rank)
         A = torch.zeros(slots, rank, self.A.shape[2], device=self.A.device)
-        B = torch.zeros(slots, self.B.shape[1], rank, device=self.B.device)
-        A[:have_slots, :have_rank], B[:have_slots, :, :have_rank] = self.A, self.B
+        B = torch.zeros(self.B.shape[0], slots, rank, device=self.B.device)
+        A[:have_slots, :have_rank], B[:, :have_slots, :have_rank] = self.A, self.B
         self.A, self.B = A, B
 
     def put(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
         self.fit(slot + 1, a.shape[0])
         self.clear(slot)
         self.A[slot, : a.shape[0]] = a.to(self.A.device)
-        self.B[slot, :, : b.shape[1]] = b.to(self.B.device)
+        self.B[:, slot, : b.shape[1]] = b.to(self.B.device)
 
     def clear(self, slot: int) -> None:
         if slot < self.A.shape[0]:
             self.A[slot].zero_()
-            self.B[slot].zero_()
+            self.B[:, slot].zero_()
 
-    def delta(self, x: torch.Tensor, rows: torch.Tensor, single: int | None) -> torch.Tensor:
-        """The adapters' sum for input `x` [batch, ..., in], row b through slot rows[b]."""
+    def delta(self, x: torch.Tensor, route: _Route) -> torch.Tensor:
+        """The adapters' sum for input `x` [batch, ..., in], row b through slot route.rows[b]."""
         x = x.to(self.A.dtype)
-        if single is not None:  # every row on one adapter: two plain matmuls, no gather
-            return torch.nn.functional.linear(torch.nn.functional.linear(x, self.A[single]), self.B[single])
-        flat = x.reshape(x.shape[0], -1, x.shape[-1])
-        low = torch.bmm(flat, self.A[rows].transpose(1, 2))
-        return torch.bmm(low, self.B[rows].transpose(1, 2)).reshape(*x.shape[:-1], self.B.shape[1])
+        linear = torch.nn.functional.linear
+        if route.single is not None:  # every row on one adapter: two plain matmuls
+            return linear(linear(x, self.A[route.single]), self.B[:, route.single])
+        slots, rank, fan_in = self.A.shape
+        if slots * rank <= DENSE_WIDTH:
+            # every slot's A at once, each row keeping only its own slot's columns, then every slot's B at once:
+            # two plain matmuls, no per-row copy of weights
+            low = linear(x, self.A.reshape(slots * rank, fan_in)) * route.columns(slots, rank, x.dim())
+            return linear(low, self.B.reshape(self.B.shape[0], slots * rank))
+        flat = x.reshape(x.shape[0], -1, fan_in)  # many wide slots: gather each row's own A and B
+        low = torch.bmm(flat, self.A[route.rows].transpose(1, 2))
+        return torch.bmm(low, self.B[:, route.rows].permute(1, 2, 0)).reshape(*x.shape[:-1], self.B.shape[0])
+
+
+class _Route:
+    """Each row's slot for the forward passes inside `MultiLora.routing`."""
+
+    def __init__(self, slots: list[int], device: torch.device):
+        self.rows = torch.tensor(slots, device=device)
+        self.single = slots[0] if len(set(slots)) == 1 else None
+        self._columns: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def columns(self, slots: int, rank: int, dims: int) -> torch.Tensor:
+        """1 where a row's own slot's rank columns are among `slots` x `rank`, 0 elsewhere; shaped to broadcast."""
+        key = (slots, rank, dims)
+        if key not in self._columns:
+            own = torch.nn.functional.one_hot(self.rows, slots).repeat_interleave(rank, dim=1).float()
+            self._columns[key] = own.view(own.shape[0], *([1] * (dims - 2)), slots * rank)
+        return self._columns[key]
 
 
 class MultiLora:
@@ -83,8 +109,7 @@ class MultiLora:
         self.model, self.device = model, device
         self.layers: dict[str, _Stack] = {}
         self.slots: dict[str, int] = {}
-        self.rows: torch.Tensor | None = None
-        self.single: int | None = None
+        self.route: _Route | None = None
         self.held: Counter[str] = Counter()  # requests still generating with each adapter
         self.retired: set[str] = set()  # evicted while held: unloaded when the last such request ends
 
@@ -150,9 +175,9 @@ class MultiLora:
 
     def _hook(self, stack: _Stack):
         def add_adapters(module, args, output):
-            if self.rows is None:
+            if self.route is None:
                 return output
-            return output + stack.delta(args[0], self.rows, self.single).to(output.dtype)
+            return output + stack.delta(args[0], self.route).to(output.dtype)
 
         return add_adapters
 
@@ -163,12 +188,11 @@ class MultiLora:
         if not any(slots):
             yield
             return
-        self.rows = torch.tensor(slots, device=self.device)
-        self.single = slots[0] if len(set(slots)) == 1 else None
+        self.route = _Route(slots, self.device)
         try:
             yield
         finally:
-            self.rows, self.single = None, None
+            self.route = None
 
 
 def _pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

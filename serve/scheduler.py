@@ -1,7 +1,7 @@
 """Iteration-level scheduling for the HF engine: a request joins the running batch at the next decoding step and
 leaves it at its own end.
 
-One thread owns the model. Each turn it
+The replica's model thread (`serve.model_thread`) runs the loop. Each turn it
 1. prefills the requests that arrived since the last turn, together (left-padded), and gives each its first token;
 2. merges their KV caches into the running batch's;
 3. runs one decoding step for every running row, each row through its own adapter (`serve.multi_lora`) and
@@ -28,6 +28,7 @@ from transformers.cache_utils import DynamicLayer
 from jobs.prompting import Prompting
 from serve.generation import Delta, GenRequest, RowText, logprob_of
 from serve.grammar import Grammars
+from serve.model_thread import ModelThread
 from serve.multi_lora import MultiLora
 from serve.sampling import RowSampler, pick_tokens
 
@@ -114,7 +115,7 @@ class Scheduler:
     prompting: Prompting
     eos: set[int]
     grammars: Grammars
-    lock: threading.Lock  # the engine's: adapters load and unload between turns
+    thread: ModelThread  # runs the turns; adapters load and unload between them
     max_rows: int
     ensure_adapter: Callable[[str], None]  # loads an adapter the multiplexer evicted before its request ran
     on_error: Callable[[Exception], Exception]  # what the requests of a failed turn receive
@@ -123,29 +124,30 @@ class Scheduler:
     batch: KvBatch = field(default_factory=KvBatch)
 
     def __post_init__(self):
-        self.wake = threading.Condition()
+        self.arrivals = threading.Lock()
         self.device = next(self.model.parameters()).device
-        threading.Thread(target=self._loop, name="lorafleet-scheduler", daemon=True).start()
+        self.thread.work = self._next_turn
 
     def submit(self, request: GenRequest, emit: Callable[[Delta | Exception], None]) -> Ticket:
         ticket = Ticket(request, emit)
-        with self.wake:
+        with self.arrivals:
             self.waiting.append(ticket)
-            self.wake.notify()
+        self.thread.wake()
         return ticket
 
-    def _loop(self) -> None:
-        while True:
-            with self.wake:
-                self.wake.wait_for(lambda: self.waiting or self.rows)
-                arrived = [t for t in self.waiting if not t.cancelled]
-                self.waiting.clear()
+    def _next_turn(self) -> bool:
+        """One turn if there is anything to do; whether there is more."""
+        with self.arrivals:
+            arrived = [t for t in self.waiting if not t.cancelled]
+            self.waiting.clear()
+        if arrived or self.rows:
             self._turn(arrived)
+        return bool(self.rows or self.waiting)
 
     def _turn(self, arrived: list[Ticket]) -> None:
         later: list[Ticket] = []
         try:
-            with self.lock, torch.inference_mode():
+            with torch.inference_mode():
                 self._leave([i for i, row in enumerate(self.rows) if not row.ticket.cancelled])
                 admitted, later = self._admissible(arrived)
                 if admitted:
@@ -161,7 +163,7 @@ class Scheduler:
                 self._end(ticket)
                 ticket.emit(failure)
             later = []
-        with self.wake:
+        with self.arrivals:
             self.waiting[:0] = later
 
     def _admissible(self, arrived: list[Ticket]) -> tuple[list[Ticket], list[Ticket]]:

@@ -9,6 +9,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+from serve import multi_lora
 from serve.multi_lora import AdapterFormatError, MultiLora
 from tests.serve_fixtures import make_adapter
 
@@ -38,7 +39,9 @@ def _reference(tiny_causal, folder, tokenizer, prompts):
     return _logits(model, tokenizer, prompts)
 
 
-def test_a_mixed_batch_of_eight_adapters_and_the_base_matches_each_alone(tiny_causal, adapters):
+@pytest.mark.parametrize("dense_width", [multi_lora.DENSE_WIDTH, 0], ids=["every-slot-masked", "per-row-gather"])
+def test_a_mixed_batch_of_eight_adapters_and_the_base_matches_each_alone(tiny_causal, adapters, dense_width, monkeypatch):
+    monkeypatch.setattr(multi_lora, "DENSE_WIDTH", dense_width)
     tokenizer = AutoTokenizer.from_pretrained(tiny_causal)
     base = AutoModelForCausalLM.from_pretrained(tiny_causal).eval()
     plain = _logits(base, tokenizer, PROMPTS)

@@ -13,6 +13,7 @@ from jobs.config import ModelConfig
 from jobs.prompting import Prompting
 from serve.generation import GenRequest, eos_token_ids
 from serve.grammar import Grammars
+from serve.model_thread import ModelThread
 from serve.multi_lora import MultiLora
 from serve.scheduler import Scheduler, can_schedule
 from tests.serve_fixtures import make_adapter
@@ -59,7 +60,6 @@ def engine(tiny_causal, tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(tiny_causal).eval()
     prompting = Prompting.load(ModelConfig(name=tiny_causal))
     lora = MultiLora(model, torch.device("cpu"))
-    lock = threading.Lock()
 
     def ensure(name):
         if name not in lora:
@@ -67,7 +67,7 @@ def engine(tiny_causal, tmp_path_factory):
 
     tokenizer = prompting.tokenizer
     scheduler = Scheduler(model, lora, prompting, eos_token_ids(model, tokenizer), Grammars(tokenizer, model.config.vocab_size),
-                          lock, 32, ensure, lambda exc: exc)
+                          ModelThread(), 32, ensure, lambda exc: exc)
     assert can_schedule(model, prompting.kind)
     return scheduler, folders
 
@@ -79,10 +79,13 @@ def _request(scheduler, prompt, adapter=None, **settings):
 
 def _together(scheduler, requests):
     answers = [Answer(r.n) for r in requests]
-    with scheduler.lock:  # held so that every request arrives before the first turn: one prefill, one batch
-        for request, answer in zip(requests, answers):
-            scheduler.submit(request, answer)
+    _submit_at_once(scheduler, requests, answers)
     return [answer.wait() for answer in answers]
+
+
+def _submit_at_once(scheduler, requests, answers):
+    """Every request arrives before the next turn (submitted from the model thread itself): one prefill, one batch."""
+    scheduler.thread.call(lambda: [scheduler.submit(r, a) for r, a in zip(requests, answers)]).result()
 
 
 def _alone(scheduler, request):
@@ -91,9 +94,7 @@ def _alone(scheduler, request):
 
 def _logprobs(scheduler, requests) -> list[list[float]]:
     answers = [Answer(r.n) for r in requests]
-    with scheduler.lock:
-        for request, answer in zip(requests, answers):
-            scheduler.submit(request, answer)
+    _submit_at_once(scheduler, requests, answers)
     for answer in answers:
         answer.wait()
     return [answer.logprobs[0] for answer in answers]
@@ -168,8 +169,7 @@ def test_an_adapter_evicted_while_its_request_decodes_stays_until_the_request_en
     scheduler.submit(request, answer)
     while answer.deltas < 3 and not answer.done.is_set():
         answer.done.wait(0.01)
-    with scheduler.lock:
-        scheduler.lora.unload("a3")  # what Serve's LRU eviction does
-        assert "a3" not in scheduler.lora
+    scheduler.thread.call(lambda: scheduler.lora.unload("a3")).result()  # what Serve's LRU eviction does
+    assert "a3" not in scheduler.lora
     assert answer.wait() == expected
     assert "a3" not in scheduler.lora.slots, "unloaded once its request ended"

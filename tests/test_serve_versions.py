@@ -2,7 +2,6 @@
 HF engine's verdict on a dead device. The same behaviours through Serve, on both engines: tests/test_serve_ray.py."""
 
 import asyncio
-import threading
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from serve.app import application
 from serve.engine import Engine, _fatal
 from serve.generation import EngineDead, eos_token_ids
 from serve.grammar import Grammars
+from serve.model_thread import ModelThread
 from serve.multi_lora import MultiLora
 from tests.serve_fixtures import make_adapter
 
@@ -100,7 +100,7 @@ def test_an_hf_engine_whose_device_failed_fails_its_health_check_and_refuses_req
     engine.prompting = Prompting.load(run.model)
     engine.model = load_base(run, torch.device("cpu"), engine.prompting.kind).eval()
     engine.eos = eos_token_ids(engine.model, engine.prompting.tokenizer)
-    engine.device, engine.dead, engine.serve_cfg, engine.lock = torch.device("cpu"), None, run.serve, threading.Lock()
+    engine.device, engine.dead, engine.serve_cfg, engine.thread = torch.device("cpu"), None, run.serve, ModelThread()
     engine.lora = MultiLora(engine.model, engine.device)
     engine.grammars = Grammars(engine.prompting.tokenizer, engine.model.config.vocab_size)
     engine.scheduler = engine._step_loop(8)
