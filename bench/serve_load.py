@@ -434,7 +434,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench/serve"))
     parser.add_argument("--parts", default="overhead,load,memory,cold,ramp,engines")
     parser.add_argument("--levels", default="1,8,32", help="Concurrent clients of the load part.")
-    parser.add_argument("--batch-waits", default="0.05,0.5", help="serve.batch_wait_timeout_s values of the batched apps (the first also serves overhead and cold).")
     parser.add_argument("--bare-vllm-json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_vllm_json:
@@ -464,15 +463,14 @@ def main() -> None:
 
     ray.init(num_cpus=2)
     if parts & {"overhead", "load", "cold"}:
-        waits = [float(w) for w in args.batch_waits.split(",")]
-        for batch, wait in [(32, w) for w in waits] + [(1, 0.0)]:
-            url = deploy(_config(args.out, f"serve.max_batch_size={batch}", f"serve.batch_wait_timeout_s={wait}")).url
-            if (batch, wait) == (32, waits[0]) and "overhead" in parts:
+        for batch in (32, 1):
+            url = deploy(_config(args.out, f"serve.max_batch_size={batch}")).url
+            if batch == 32 and "overhead" in parts:
                 report["serve_s"] = serve_request_seconds(url, BASE_NAME, args.max_tokens)
-            if (batch, wait) == (32, waits[0]) and "cold" in parts:
+            if batch == 32 and "cold" in parts:
                 report["cold"] = cold_load(url, names[1:])
             if "load" in parts:
-                label = f"on ({batch}, wait {wait} s)" if batch > 1 else "off"
+                label = f"on ({batch} rows)" if batch > 1 else "off"
                 report.setdefault("load", {})[label] = [load_level(url, names[0], c, max(16, 2 * c), args.max_tokens) for c in levels]
             serve.delete("lorafleet")
     if "engines" in parts:

