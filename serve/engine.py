@@ -113,9 +113,6 @@ class Engine:
         )
 
     def _step_loop(self, max_rows: int) -> Scheduler:
-        def ensure_adapter(name: str) -> None:  # on the model thread
-            self._attach(name, adapters.resolve(self.serve_cfg, name))
-
         return Scheduler(
             self.model,
             self.lora,
@@ -124,7 +121,7 @@ class Engine:
             self.grammars,
             self.thread,
             max_rows,
-            ensure_adapter,
+            self._ensure_adapter,
             self._failure,
         )
 
@@ -199,9 +196,8 @@ class Engine:
         if self.dead:
             raise EngineDead(self.dead)
 
-    @serve.batch(
-        max_batch_size=16, batch_wait_timeout_s=0.02
-    )  # the static path's; replaced from the config in __init__
+    # the static path's batching; its sizes are replaced from the config in __init__
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def generate_batch(self, requests: list[GenRequest]) -> AsyncIterator[list]:
         """Per step, one item per request: its Delta, None (nothing new), or StopIteration once it
         has finished (which ends that caller's stream while the rest of the batch goes on)."""
@@ -232,7 +228,8 @@ class Engine:
 
         def work() -> None:
             try:
-                self._ensure_adapters(group)
+                for name in {r.adapter for r in group if r.adapter}:
+                    self._ensure_adapter(name)
                 if group[0].seed is not None:
                     torch.manual_seed(group[0].seed)
                 fmt = group[0].response_format  # part of the sampling key: one per group
@@ -252,7 +249,6 @@ class Engine:
             yield item
         await worker
 
-    def _ensure_adapters(self, group: list[GenRequest]) -> None:
-        """An adapter evicted between a request's arrival and its batch is loaded again."""
-        for name in {r.adapter for r in group if r.adapter}:
-            self._attach(name, adapters.resolve(self.serve_cfg, name))
+    def _ensure_adapter(self, name: str) -> None:
+        """An adapter evicted between a request's arrival and its generation is loaded again (on the model thread)."""
+        self._attach(name, adapters.resolve(self.serve_cfg, name))

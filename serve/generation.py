@@ -160,10 +160,6 @@ class Progress(StoppingCriteria):
         self.rows = [RowText(r, tokenizer, eos_ids) for r in requests]
         self.tokenizer, self.emit, self.capture = tokenizer, emit, capture
 
-    @property
-    def finished(self) -> list[str | None]:
-        return [row.finished for row in self.rows]
-
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         new = input_ids[:, -1].tolist()
         self.emit([self._advance(i, token) if self.rows[i].finished is None else None for i, token in enumerate(new)])

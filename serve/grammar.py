@@ -54,9 +54,10 @@ class Grammars:
 
 
 class GrammarMask(LogitsProcessor):
-    """One xgrammar matcher per row of a `generate` call (the static path). Written here because xgrammar's own transformers processor
-    asserts that every row's last token fits its grammar, and a row our stopping criteria ended
-    (its max_tokens, a stop string) goes on receiving pad tokens: those rows are skipped."""
+    """One xgrammar matcher per row of a `generate` call (the static path). Written here because
+    xgrammar's own transformers processor asserts that every row's last token fits its grammar, and
+    a row our stopping criteria ended (its max_tokens, a stop string) goes on receiving pad tokens:
+    those rows are skipped."""
 
     def __init__(self, compiled: xgr.CompiledGrammar, rows: list):
         self.compiled, self.rows = compiled, rows  # rows[i].finished is None while row i generates

@@ -10,14 +10,11 @@ hundreds of them) ran about 1.5x slower in the second thread (measured on 2 core
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
-
-log = logging.getLogger("ray.serve")
 
 
 class ModelThread:
